@@ -1,0 +1,154 @@
+"""Run-folder storage through fsspec: local paths, s3://, gs://, memory://.
+
+Every write is a commit: a local file is written beside its final name and renamed over
+it; an object store writes an object in one PUT. Readers therefore never see half a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save, save_file
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+class Storage:
+    """A folder addressed by URL; paths passed to methods are relative to it."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.local = is_local(root)
+        self.fs, self.base = fsspec.core.url_to_fs(local_path(root) if self.local else root,
+                                                  **(storage_options or {}))
+        if self.local:
+            self.base = os.path.abspath(self.base)
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def url(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        if not self.exists(rel):
+            return []
+        return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False))
+
+    def makedirs(self, rel: str = "") -> None:
+        if self.local:
+            os.makedirs(self.path(rel), exist_ok=True)
+
+    def rm(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=True)
+
+    # --- bytes and json -------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    # --- tensors ----------------------------------------------------------
+    def save_tensors(self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        if self.local:
+            target = self.path(rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, target)
+        else:
+            self.write_bytes(rel, save(tensors, metadata=metadata))
+
+    def load_tensors(self, rel: str) -> dict[str, torch.Tensor]:
+        if self.local:
+            return load_file(self.path(rel))
+        return st_load(self.read_bytes(rel))
+
+    def tensor_metadata(self, rel: str) -> dict[str, str]:
+        from safetensors import safe_open
+        if self.local:
+            with safe_open(self.path(rel), "pt") as f:
+                return f.metadata() or {}
+        with safe_open(io.BytesIO(self.read_bytes(rel)), "pt") as f:  # pragma: no cover - rare
+            return f.metadata() or {}
+
+    # --- folders ------------------------------------------------------------
+    def put_dir(self, local_dir: str, rel: str) -> None:
+        """Publish a finished local folder at rel, replacing what was there.
+
+        Locally this is one rename. On an object store the files are uploaded with the
+        index (`*.index.json`) last, so its presence marks a complete checkpoint.
+        """
+        if self.local:
+            target = self.path(rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            old = None
+            if os.path.exists(target):
+                old = f"{target}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            shutil.move(local_dir, target)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            return
+        self.rm(rel)
+        files = sorted(Path(local_dir).iterdir(), key=lambda p: p.name.endswith(".index.json"))
+        for p in files:
+            self.fs.put_file(str(p), self.path(f"{rel}/{p.name}"))
+
+
+def cache_dir() -> Path:
+    """Where converted models and remote files are cached (SOCO_CACHE overrides)."""
+    return Path(os.environ.get("SOCO_CACHE", Path.home() / ".cache" / "soco"))
+
+
+def fetch_to_cache(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Local path of a remote file, downloaded once into the cache (local paths pass through)."""
+    if is_local(url):
+        return local_path(url)
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache_dir() / "remote" / digest / os.path.basename(url.rstrip("/"))
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        tmp = target.with_name(target.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        fs.get_file(p, str(tmp))
+        os.replace(tmp, target)
+    return str(target)

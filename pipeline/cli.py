@@ -1,0 +1,94 @@
+"""`soco` command line: compress a model from a YAML config, evaluate a checkpoint.
+
+Every bad input ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soco", description="SVD compression of causal LMs with a learned spectrum")
+    p.add_argument("--version", action="version", version=f"soco-pipeline {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="run a compression job from a YAML config")
+    c.add_argument("config", help="YAML run config (see configs/)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set compress.ratio=0.6 (repeatable)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    e = sub.add_parser("eval", help="perplexity and parameter counts of a soco checkpoint")
+    e.add_argument("checkpoint", help="checkpoint folder (local path or fsspec URL)")
+    e.add_argument("--data", default="bundled:wiki", help="text source (default bundled:wiki)")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--eval-samples", type=int, default=32, help="held-out windows (0 = all)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--quiet", action="store_true")
+    return p
+
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import compress
+    cfg = load_config(args.config, args.overrides)
+    report = compress(cfg, progress=not args.quiet)
+    ppl = report["perplexity"]
+    print(f"checkpoint: {report['checkpoint']}")
+    print(f"perplexity: compressed {ppl['compressed']:.3f}"
+          + (f", dense {ppl['dense']:.3f}" if ppl.get("dense") is not None else ""))
+    print(f"removed: {report['achieved_ratio']['linear']:.4f} of decoder linear parameters")
+    print(f"report: {cfg.output.rstrip('/')}/report.md")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import compressed_skeleton, soco_entry
+    from .data import load_windows
+    from .layerwise import LayerwiseModel
+    from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
+    from .run import set_threads
+    from .stages.evaluate import perplexity, stored_params
+    set_threads(0)
+    src = ModelSource(args.checkpoint)
+    dtype_name = str(getattr(src.config, "dtype", None) or "float32").replace("torch.", "")
+    dtype = DTYPE_MAP.get(dtype_name, torch.float32)
+    model = compressed_skeleton(src.config, dtype) if soco_entry(src.config) else build_skeleton(src.config, dtype)
+    layers_name, _ = find_layers(model)
+    if args.seq_len < 1 or args.batch_size < 1 or args.eval_samples < 0:
+        raise UserError("--seq-len and --batch-size must be >= 1 and --eval-samples >= 0")
+    w = load_windows(args.data, args.text_field, src.tokenizer(), 1, args.seq_len, args.eval_samples)
+    ppl = perplexity(LayerwiseModel(model, src, dtype), w.eval, args.batch_size, progress=not args.quiet)
+    counts = stored_params(src, layers_name)
+    out = {"checkpoint": args.checkpoint, "perplexity": ppl, "eval_windows": int(w.eval.shape[0]),
+           "seq_len": args.seq_len, "params": counts,
+           "compressed_modules": len(soco_entry(src.config)["ranks"]) if soco_entry(src.config) else 0}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compress":
+            return cmd_compress(args)
+        return cmd_eval(args)
+    except UserError as e:
+        print(f"soco: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soco: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Run configuration: a typed schema, YAML loading and `--set key=value` overrides.
+
+Unknown or misspelled keys are errors that name the key (and the closest valid one), so
+a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soco.decompose import METHODS
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is cut into windows.
+
+    The token stream is split in two halves: calibration windows come from the start of
+    the first half, evaluation windows from the start of the second, never mixed.
+    """
+
+    source: str = "bundled:wiki"  # bundled:NAME, or a .txt/.jsonl/.parquet path or fsspec URL
+    text_field: str = "text"  # column of JSONL/Parquet rows holding the text
+    calib_samples: int = 64  # N calibration windows
+    seq_len: int = 512  # L tokens per window (calibration and evaluation)
+    eval_samples: int = 32  # evaluation windows; 0 means all of the held-out half
+    batch_size: int = 8  # windows per forward pass
+
+
+@dataclass
+class CompressConfig:
+    method: str = "svd-llm"  # svd | asvd | svd-llm
+    ratio: float = 0.4  # fraction of the decoder's linear parameters removed
+    asvd_alpha: float = 0.5
+
+
+@dataclass
+class RunConfig:
+    dtype: str = "float32"  # compute and checkpoint dtype: float32 | bfloat16 | float16
+    threads: int = 0  # torch threads; 0 = all cores
+    shard_size_mb: int = 200  # checkpoint shard size
+    eval_dense: bool = True  # also measure the dense model's perplexity for the report
+
+
+@dataclass
+class Config:
+    model: str = "bundled:smollm2-135m"  # bundled:NAME, a local HF folder or an fsspec URL
+    output: str = "runs/default"  # run folder: local path or fsspec URL
+    data: DataConfig = field(default_factory=DataConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _closest(key: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise UserError(f"config key '{where}' must be {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key '{where}'{_closest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone do not catch."""
+    if cfg.compress.method not in METHODS:
+        raise UserError(f"compress.method must be one of {', '.join(METHODS)}, got '{cfg.compress.method}'")
+    if not 0.0 < cfg.compress.ratio < 1.0:
+        raise UserError(f"compress.ratio must be strictly between 0 and 1, got {cfg.compress.ratio}")
+    for key in ("calib_samples", "seq_len", "batch_size"):
+        if getattr(cfg.data, key) < 1:
+            raise UserError(f"data.{key} must be at least 1, got {getattr(cfg.data, key)}")
+    if cfg.data.eval_samples < 0:
+        raise UserError(f"data.eval_samples must be >= 0, got {cfg.data.eval_samples}")
+    if cfg.run.dtype not in DTYPES:
+        raise UserError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{cfg.run.dtype}'")
+    if cfg.run.shard_size_mb < 1:
+        raise UserError(f"run.shard_size_mb must be at least 1, got {cfg.run.shard_size_mb}")
+    if not cfg.output:
+        raise UserError("output must name a run folder")
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return validate(_build(Config, data or {}, ""))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings; values are parsed as YAML scalars (0.4, true, text)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{p}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return data
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when path is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path} must be a mapping of keys to values")
+    return from_dict(apply_overrides(data, overrides or []))

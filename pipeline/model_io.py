@@ -1,0 +1,175 @@
+"""Reading Hugging Face causal LMs one decoder layer at a time.
+
+The model is built on the meta device (parameters take no memory; non-persistent buffers
+such as rotary frequencies stay real), and a layer's tensors are read from the
+safetensors shards only when that layer runs, then dropped again. Peak memory is one
+layer plus activations, whatever the depth.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from cluster.storage import fetch_to_cache, is_local, local_path
+
+from .errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+class ModelSource:
+    """A model folder (local path, fsspec URL or `bundled:NAME`) and its weight index.
+
+    Remote shards are fetched into the local cache one file at a time, when first needed;
+    tensors are then read from them lazily (safetensors memory-maps the file).
+    """
+
+    def __init__(self, location: str, storage_options: dict[str, Any] | None = None) -> None:
+        if location.startswith("bundled:"):
+            from .bundled import bundled_model_dir
+            location = bundled_model_dir(location.split(":", 1)[1])
+        self.location = location.rstrip("/")
+        self.storage_options = storage_options
+        self.remote = not is_local(location)
+        if not self.remote and not os.path.isdir(local_path(location)):
+            raise UserError(f"model folder not found: {location}")
+        if not self._exists("config.json"):
+            raise UserError(f"no config.json in model folder {location}")
+        from transformers import AutoConfig
+        self.config = AutoConfig.from_pretrained(os.path.dirname(self.file("config.json")))
+        if self._exists("model.safetensors.index.json"):
+            with open(self.file("model.safetensors.index.json")) as f:
+                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        elif self._exists("model.safetensors"):
+            with safe_open(self.file("model.safetensors"), "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise UserError(f"no safetensors weights (model.safetensors[.index.json]) in {location}")
+        self._open: dict[str, Any] = {}
+
+    # --- files ---------------------------------------------------------------
+    def _url(self, name: str) -> str:
+        return f"{self.location}/{name}"
+
+    def _exists(self, name: str) -> bool:
+        if not self.remote:
+            return os.path.exists(os.path.join(local_path(self.location), name))
+        import fsspec
+        fs, p = fsspec.core.url_to_fs(self._url(name), **(self.storage_options or {}))
+        return fs.exists(p)
+
+    def file(self, name: str) -> str:
+        """Local path of a file of the model folder (fetched into the cache when remote)."""
+        if not self.remote:
+            return os.path.join(local_path(self.location), name)
+        return fetch_to_cache(self._url(name), self.storage_options)
+
+    def tokenizer_dir(self) -> str:
+        """A local folder holding the tokenizer files (the cache folder when remote)."""
+        for name in TOKENIZER_FILES:
+            if self._exists(name):
+                path = self.file(name)
+        return os.path.dirname(self.file("config.json")) if not self.remote else os.path.dirname(path)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(self.tokenizer_dir())
+        except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad model folder
+            raise UserError(f"cannot load the tokenizer of {self.location}: {e}") from None
+
+    # --- tensors -------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read the named tensors from the shards (each shard opened once, memory-mapped)."""
+        out = {}
+        for name in names:
+            shard = self.weight_map.get(name)
+            if shard is None:
+                raise UserError(f"tensor '{name}' is missing from {self.location}")
+            if shard not in self._open:
+                self._open[shard] = safe_open(self.file(shard), "pt")
+            out[name] = self._open[shard].get_tensor(name)
+        return out
+
+
+@contextmanager
+def _meta_parameters() -> Iterator[None]:
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with every parameter on the meta device (no memory) and real buffers."""
+    from transformers import AutoModelForCausalLM
+    config._attn_implementation = "sdpa"
+    try:
+        with _meta_parameters():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise UserError(f"not a supported causal LM config ({config.model_type}): {e}") from None
+    model.eval()
+    return model
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder layers, and its qualified name (e.g. 'model.layers')."""
+    n = model.config.num_hidden_layers
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise UserError(f"cannot find {n} decoder layers in {type(model).__name__}")
+
+
+def linear_names(layer: nn.Module) -> list[str]:
+    """Names (relative to the layer) of the nn.Linear projections that get compressed."""
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def tied_source(model: nn.Module, name: str) -> str | None:
+    """For a tied output embedding absent from the shards, the name of the tensor it shares."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if out is not None and name == f"{names[id(out)]}.weight":
+        return f"{names[id(inp)]}.weight"
+    return None
+
+
+def materialise(model: nn.Module, module: nn.Module, prefix: str, source: ModelSource,
+                dtype: torch.dtype) -> None:
+    """Replace the meta parameters (and persistent buffers) of `module` with real tensors."""
+    keys = list(module.state_dict().keys())
+    names = {k: f"{prefix}.{k}" if prefix else k for k in keys}
+    wanted = {}
+    for k, full in names.items():
+        wanted[k] = full if source.has(full) else (tied_source(model, full) or full)
+    loaded = source.tensors(sorted(set(wanted.values())))
+    state = {}
+    for k, full in wanted.items():
+        t = loaded[full]
+        state[k] = t.to(dtype) if t.is_floating_point() else t
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def offload(module: nn.Module) -> None:
+    """Drop a module's parameters back to the meta device, freeing their memory."""
+    module.to("meta")
+
+
+def count_materialised(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.device.type != "meta")
+
+
+DTYPE_MAP = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,0 +1,138 @@
+"""One compression run: calibrate -> decompose -> assemble -> evaluate, in a run folder.
+
+Run folder (local path or fsspec URL):
+  manifest.json                 config, stage states and keys (see pipeline/manifest.py)
+  calib/layer-00012.safetensors  input statistics of layer 12 (stages/calibrate.py)
+  plan.json                     rank of every compressed linear (plan.py)
+  factors/layer-00012.safetensors U, sigma, Vt of layer 12's linears (stages/decompose.py)
+  checkpoint/                   Hugging Face layout, published whole (checkpoint.py)
+  report.json, report.md        perplexity, parameter counts, ratios, timings
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from cluster.storage import Storage
+
+from .checkpoint import compressed_skeleton, write_checkpoint
+from .config import Config
+from .data import load_windows
+from .errors import UserError
+from .layerwise import LayerwiseModel
+from .manifest import STAGES, Manifest
+from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
+from .plan import Plan, uniform_plan
+from .stages.calibrate import run_calibrate
+from .stages.decompose import load_layer_factors, run_decompose
+from .stages.evaluate import perplexity, stored_params, write_report
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+
+
+def prepare_output(store: Storage) -> bool:
+    """Refuse an output that exists and is not a soco run folder; return True if it is new."""
+    if not store.exists():
+        return True
+    if store.exists("manifest.json"):
+        return False
+    if store.listdir():
+        raise UserError(f"output {store.url()} exists and is not a soco run folder; choose another output")
+    return True
+
+
+def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Run every stage whose inputs changed and return the report (also written to the run folder).
+
+    All inputs are checked before anything is written: a bad model, data source or ratio
+    fails with UserError and leaves no output behind.
+    """
+    set_threads(cfg.run.threads)
+    dtype = DTYPE_MAP[cfg.run.dtype]
+    t_load = time.perf_counter()
+    source = ModelSource(cfg.model)
+    tokenizer = source.tokenizer()
+    model = build_skeleton(source.config, dtype)
+    layers_name, layers = find_layers(model)
+    plan = uniform_plan(model, cfg.compress.method, cfg.compress.ratio)
+    d = cfg.data
+    windows = load_windows(d.source, d.text_field, tokenizer, d.calib_samples, d.seq_len, d.eval_samples)
+    load_s = time.perf_counter() - t_load
+
+    store = Storage(cfg.output)
+    created = prepare_output(store)
+    store.makedirs()
+    man = Manifest(store, cfg)
+    try:
+        timings = {"load": round(load_s, 3)}
+        stale = False
+        for stage in STAGES:
+            if not stale and man.done(stage):
+                timings[stage] = 0.0
+                continue
+            if not stale:
+                man.invalidate_from(stage)
+                stale = True
+            t0 = man.start(stage)
+            if stage == "calibrate":
+                run_calibrate(LayerwiseModel(model, source, dtype), windows.calib, d.batch_size, store, progress)
+            elif stage == "decompose":
+                store.write_json("plan.json", plan.to_json())
+                run_decompose(source, store, plan, layers_name, len(layers), cfg.compress.asvd_alpha, progress)
+            elif stage == "assemble":
+                write_checkpoint(source, model, lambda i: load_layer_factors(store, i),
+                                 {"method": plan.method, "ratio": plan.ratio, "ranks": plan.ranks},
+                                 store, "checkpoint", dtype, cfg.run.shard_size_mb << 20, progress)
+            elif stage == "evaluate":
+                report = evaluate_run(cfg, source, store, windows.eval, dtype, progress)
+            man.finish(stage, t0)
+            timings[stage] = man.stages[stage]["seconds"]
+        report = store.read_json("report.json")
+        report["timings_s"] = {"load": timings["load"]} | {s: man.stages[s]["seconds"] for s in STAGES}
+        report["resumed_stages"] = [s for s in STAGES if timings[s] == 0.0]
+        write_report(store, report)
+        man.set_status("done")
+        return report
+    except BaseException as e:
+        if created and not any(man.done(s) for s in STAGES):
+            store.rm("")  # nothing committed: leave no trace of the run
+        else:
+            man.set_status("failed", f"{type(e).__name__}: {e}")
+        raise
+
+
+def evaluate_run(cfg: Config, source: ModelSource, store: Storage, eval_windows: torch.Tensor,
+                 dtype: torch.dtype, progress: bool = True) -> dict[str, Any]:
+    """Perplexity of the checkpoint (and of the dense model), counts, ratios -> report.json."""
+    ckpt = ModelSource(store.url("checkpoint"))
+    cmodel = compressed_skeleton(ckpt.config, dtype)
+    layers_name, _ = find_layers(cmodel)
+    bs = cfg.data.batch_size
+    ppl_c = perplexity(LayerwiseModel(cmodel, ckpt, dtype), eval_windows, bs, desc="evaluate compressed",
+                       progress=progress)
+    ppl_d = None
+    if cfg.run.eval_dense:
+        ppl_d = perplexity(LayerwiseModel(build_skeleton(source.config, dtype), source, dtype), eval_windows, bs,
+                           desc="evaluate dense", progress=progress)
+    before, after = stored_params(source, layers_name), stored_params(ckpt, layers_name)
+    plan = Plan.from_json(store.read_json("plan.json"))
+    report = {
+        "model": cfg.model, "method": cfg.compress.method, "ratio": cfg.compress.ratio,
+        "data": {"source": cfg.data.source, "calib_samples": cfg.data.calib_samples, "seq_len": cfg.data.seq_len,
+                 "eval_windows": int(eval_windows.shape[0])},
+        "perplexity": {"dense": ppl_d, "compressed": ppl_c},
+        "params": {"linear_before": before["linear"], "linear_after": after["linear"],
+                   "total_before": before["total"], "total_after": after["total"]},
+        "achieved_ratio": {"linear": 1 - after["linear"] / before["linear"],
+                           "total": 1 - after["total"] / before["total"]},
+        "ranks": {"min": min(plan.ranks.values()), "max": max(plan.ranks.values()), "modules": len(plan.ranks)},
+        "checkpoint": store.url("checkpoint"),
+        "timings_s": {},
+    }
+    store.write_json("report.json", report)
+    return report

@@ -1,0 +1,56 @@
+"""Decompose: factor every planned linear with the configured method.
+
+Input: the dense weights (from the model's shards), `calib/layer-*.safetensors`, the plan.
+Output contract, one file per layer, `factors/layer-00012.safetensors`:
+  `<linear>.U` (m x k), `<linear>.sigma` (k), `<linear>.Vt` (k x n), float32, with
+  W ~ U diag(sigma) Vt; metadata `method` and `damping` (JSON {linear: whitening load}).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from tqdm.auto import tqdm
+
+from cluster.storage import Storage
+from soco.decompose import decompose
+
+from ..model_io import ModelSource
+from ..plan import Plan
+from .calibrate import load_layer_stats
+
+
+def factors_file(i: int) -> str:
+    return f"factors/layer-{i:05d}.safetensors"
+
+
+def decompose_layer(source: ModelSource, store: Storage, plan: Plan, layers_name: str, i: int,
+                    alpha: float = 0.5) -> None:
+    """Factor the linears of layer i and commit its factors file."""
+    ranks = plan.layer_ranks(layers_name, i)
+    grams, means = load_layer_stats(store, i)
+    weights = source.tensors([f"{layers_name}.{i}.{name}.weight" for name in ranks])
+    out, damping = {}, {}
+    for name, k in ranks.items():
+        W = weights[f"{layers_name}.{i}.{name}.weight"]
+        f = decompose(plan.method, W, grams.get(name), means.get(name), k=k, alpha=alpha)
+        out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = (
+            f.U.float().contiguous(), f.sigma.float().contiguous(), f.Vt.float().contiguous())
+        damping[name] = f.damping
+    store.save_tensors(factors_file(i), out, {"method": plan.method, "damping": json.dumps(damping)})
+
+
+def load_layer_factors(store: Storage, i: int) -> dict[str, dict[str, torch.Tensor]]:
+    """{linear: {"U", "sigma", "Vt"}} for layer i."""
+    t = store.load_tensors(factors_file(i))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in t.items():
+        name, part = key.rsplit(".", 1)
+        out.setdefault(name, {})[part] = v
+    return out
+
+
+def run_decompose(source: ModelSource, store: Storage, plan: Plan, layers_name: str, n_layers: int,
+                  alpha: float = 0.5, progress: bool = True) -> None:
+    for i in tqdm(range(n_layers), desc=f"decompose ({plan.method})", unit="layer", disable=not progress):
+        decompose_layer(source, store, plan, layers_name, i, alpha)
