@@ -6,7 +6,6 @@ it; an object store writes an object in one PUT. Readers therefore never see hal
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -103,12 +102,12 @@ class Storage:
         return st_load(self.read_bytes(rel))
 
     def tensor_metadata(self, rel: str) -> dict[str, str]:
-        from safetensors import safe_open
-        if self.local:
-            with safe_open(self.path(rel), "pt") as f:
-                return f.metadata() or {}
-        with safe_open(io.BytesIO(self.read_bytes(rel)), "pt") as f:  # pragma: no cover - rare
-            return f.metadata() or {}
+        """The `__metadata__` of a safetensors file, reading only its header."""
+        import struct
+        with self.fs.open(self.path(rel), "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        return header.get("__metadata__", {}) or {}
 
     # --- folders ------------------------------------------------------------
     def put_dir(self, local_dir: str, rel: str) -> None:
@@ -140,15 +139,24 @@ def cache_dir() -> Path:
 
 
 def fetch_to_cache(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Local path of a remote file, downloaded once into the cache (local paths pass through)."""
+    """Local path of a remote file, downloaded once into the cache (local paths pass through).
+
+    Files of one remote folder land in one local folder (a tokenizer needs its files side by
+    side); the folder key includes the object's version (ETag or mtime and size), so a
+    rewritten remote file is fetched again rather than served stale.
+    """
     if is_local(url):
         return local_path(url)
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    target = cache_dir() / "remote" / digest / os.path.basename(url.rstrip("/"))
-    if not target.exists():
+    fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    info = fs.info(p)
+    version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "") + str(info.get("size"))
+    folder = hashlib.sha256(url.rsplit("/", 1)[0].encode()).hexdigest()[:16]
+    target = cache_dir() / "remote" / folder / os.path.basename(url.rstrip("/"))
+    stamp = target.with_name(target.name + ".version")
+    if not (target.exists() and stamp.exists() and stamp.read_text() == version):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
         tmp = target.with_name(target.name + f".tmp-{uuid.uuid4().hex[:8]}")
         fs.get_file(p, str(tmp))
         os.replace(tmp, target)
+        stamp.write_text(version)
     return str(target)

@@ -46,7 +46,7 @@ class CompressConfig:
 class RunConfig:
     dtype: str = "float32"  # compute and checkpoint dtype: float32 | bfloat16 | float16
     threads: int = 0  # torch threads; 0 = all cores
-    shard_size_mb: int = 200  # checkpoint shard size
+    shard_size_mb: float = 200.0  # checkpoint shard size (MiB)
     eval_dense: bool = True  # also measure the dense model's perplexity for the report
 
 
@@ -111,8 +111,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.eval_samples must be >= 0, got {cfg.data.eval_samples}")
     if cfg.run.dtype not in DTYPES:
         raise UserError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{cfg.run.dtype}'")
-    if cfg.run.shard_size_mb < 1:
-        raise UserError(f"run.shard_size_mb must be at least 1, got {cfg.run.shard_size_mb}")
+    if not cfg.run.shard_size_mb > 0:
+        raise UserError(f"run.shard_size_mb must be positive, got {cfg.run.shard_size_mb}")
     if not cfg.output:
         raise UserError("output must name a run folder")
     return cfg

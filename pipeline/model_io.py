@@ -52,7 +52,6 @@ class ModelSource:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise UserError(f"no safetensors weights (model.safetensors[.index.json]) in {location}")
-        self._open: dict[str, Any] = {}
 
     # --- files ---------------------------------------------------------------
     def _url(self, name: str) -> str:
@@ -73,10 +72,11 @@ class ModelSource:
 
     def tokenizer_dir(self) -> str:
         """A local folder holding the tokenizer files (the cache folder when remote)."""
-        for name in TOKENIZER_FILES:
-            if self._exists(name):
-                path = self.file(name)
-        return os.path.dirname(self.file("config.json")) if not self.remote else os.path.dirname(path)
+        if self.remote:
+            for name in TOKENIZER_FILES:
+                if self._exists(name):
+                    self.file(name)
+        return os.path.dirname(self.file("config.json"))
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -90,15 +90,22 @@ class ModelSource:
         return name in self.weight_map
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read the named tensors from the shards (each shard opened once, memory-mapped)."""
-        out = {}
+        """Read the named tensors from the shards.
+
+        Each shard is opened for the call and closed after it: a memory map kept open would
+        keep every page read so far resident, and resident memory would grow with depth.
+        """
+        by_shard: dict[str, list[str]] = {}
         for name in names:
             shard = self.weight_map.get(name)
             if shard is None:
                 raise UserError(f"tensor '{name}' is missing from {self.location}")
-            if shard not in self._open:
-                self._open[shard] = safe_open(self.file(shard), "pt")
-            out[name] = self._open[shard].get_tensor(name)
+            by_shard.setdefault(shard, []).append(name)
+        out = {}
+        for shard, shard_names in by_shard.items():
+            with safe_open(self.file(shard), "pt") as f:
+                for name in shard_names:
+                    out[name] = f.get_tensor(name).clone()
         return out
 
 

@@ -87,7 +87,7 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
             elif stage == "assemble":
                 write_checkpoint(source, model, lambda i: load_layer_factors(store, i),
                                  {"method": plan.method, "ratio": plan.ratio, "ranks": plan.ranks},
-                                 store, "checkpoint", dtype, cfg.run.shard_size_mb << 20, progress)
+                                 store, "checkpoint", dtype, int(cfg.run.shard_size_mb * 2**20), progress)
             elif stage == "evaluate":
                 report = evaluate_run(cfg, source, store, windows.eval, dtype, progress)
             man.finish(stage, t0)
