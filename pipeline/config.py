@@ -37,9 +37,35 @@ class DataConfig:
 
 @dataclass
 class CompressConfig:
-    method: str = "svd-llm"  # svd | asvd | svd-llm
+    method: str = "svd-llm"  # svd | asvd | svd-llm | soco
     ratio: float = 0.4  # fraction of the decoder's linear parameters removed
     asvd_alpha: float = 0.5
+
+
+@dataclass
+class SocoConfig:
+    """SoCo's learned spectrum (used when compress.method is `soco`); see soco/schedule.py."""
+
+    coarse_ratio: float = -1.0  # ratio of the svd-llm pre-truncation; < 0 means compress.ratio / 2
+    lr: float = 0.05  # Adam learning rate of the scores
+    batch_size: int = 2  # calibration windows per step (split across workers)
+    holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
+    topk: int = 64  # teacher log-probabilities cached per token
+    max_steps: int = 300  # hard cap over all three stages
+    coarse_max_steps: int = 200
+    refine_steps: int = 60
+    sparsify_steps: int = 20
+    patience: int = 3
+    budget_weight: float = 5.0
+    sparsity_weight: float = 0.5
+    eval_every: int = 10  # steps between held-out KL evaluations
+    checkpoint_every: int = 20  # steps between score checkpoints
+    min_rank_fraction: float = 0.1  # every matrix keeps at least this share of its uniform rank
+    zero_stage: int = 3  # DeepSpeed ZeRO stage: 2 or 3
+    workers: int = 1  # Ray Train workers (data-parallel ranks)
+    threads_per_worker: int = 0  # torch threads per worker; 0 = cores / workers
+    launcher: str = "ray"  # ray (Ray Train TorchTrainer) | local (this process, one rank)
+    seed: int = 0
 
 
 @dataclass
@@ -51,18 +77,33 @@ class RunConfig:
 
 
 @dataclass
+class RayConfig:
+    """Where the stages run (cluster/ray_runtime.py). Results do not depend on these."""
+
+    enabled: bool = True  # run the stages as Ray tasks and actors; false = all in this process
+    address: str = ""  # "" = $RAY_ADDRESS if set, else a local Ray started in-process
+    num_cpus: int = 0  # local Ray only: CPUs it may use; 0 = all cores
+    object_store_mb: int = 512  # local Ray only: object store size
+    max_in_flight: int = 0  # decompose / shard tasks submitted at once; 0 = 2 x parallel slots
+    calib_workers: int = 0  # actors sharing the calibration / evaluation windows; 0 = one per slot
+
+
+@dataclass
 class Config:
     model: str = "bundled:smollm2-135m"  # bundled:NAME, a local HF folder or an fsspec URL
     output: str = "runs/default"  # run folder: local path or fsspec URL
     data: DataConfig = field(default_factory=DataConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    soco: SocoConfig = field(default_factory=SocoConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+ALL_METHODS = METHODS + ("soco",)
 
 
 def _closest(key: str, options: list[str]) -> str:
@@ -100,8 +141,25 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check values that types alone do not catch."""
-    if cfg.compress.method not in METHODS:
-        raise UserError(f"compress.method must be one of {', '.join(METHODS)}, got '{cfg.compress.method}'")
+    if cfg.compress.method not in ALL_METHODS:
+        raise UserError(f"compress.method must be one of {', '.join(ALL_METHODS)}, got '{cfg.compress.method}'")
+    sc = cfg.soco
+    if sc.coarse_ratio >= 0 and not sc.coarse_ratio < cfg.compress.ratio:
+        raise UserError(f"soco.coarse_ratio must be below compress.ratio ({cfg.compress.ratio}), got {sc.coarse_ratio}")
+    if sc.zero_stage not in (2, 3):
+        raise UserError(f"soco.zero_stage must be 2 or 3, got {sc.zero_stage}")
+    if sc.launcher not in ("ray", "local"):
+        raise UserError(f"soco.launcher must be 'ray' or 'local', got '{sc.launcher}'")
+    for key in ("batch_size", "workers", "topk", "eval_every", "checkpoint_every", "max_steps"):
+        if getattr(sc, key) < 1:
+            raise UserError(f"soco.{key} must be at least 1, got {getattr(sc, key)}")
+    if sc.batch_size % sc.workers:
+        raise UserError(f"soco.batch_size ({sc.batch_size}) must be a multiple of soco.workers ({sc.workers})")
+    if sc.launcher == "local" and sc.workers != 1:
+        raise UserError("soco.launcher 'local' runs one rank: set soco.workers=1 or soco.launcher=ray")
+    if cfg.compress.method == "soco" and sc.holdout_samples >= cfg.data.calib_samples:
+        raise UserError(f"soco.holdout_samples ({sc.holdout_samples}) must be below data.calib_samples "
+                        f"({cfg.data.calib_samples})")
     if not 0.0 < cfg.compress.ratio < 1.0:
         raise UserError(f"compress.ratio must be strictly between 0 and 1, got {cfg.compress.ratio}")
     for key in ("calib_samples", "seq_len", "batch_size"):

@@ -78,6 +78,7 @@ class LayerwiseModel:
 
     # --- non-layer modules ---------------------------------------------------
     def _load_owners(self, skip: str | None) -> list[nn.Module]:
+        """Materialise the non-layer modules (embeddings, final norm, head) except `skip`."""
         mods = []
         for n in self._owners:
             if n == skip:
@@ -86,6 +87,10 @@ class LayerwiseModel:
             materialise(self.model, mod, n, self.source, self.dtype)
             mods.append(mod)
         return mods
+
+    def load_non_layer(self) -> list[nn.Module]:
+        """Materialise every non-layer module (for building a whole model from parts)."""
+        return self._load_owners(skip=None)
 
     @torch.no_grad()
     def embed(self, windows: torch.Tensor, batch_size: int) -> list[Batch]:
@@ -133,20 +138,29 @@ class LayerwiseModel:
         return [Batch(_layer_output(layer(b.hidden, *b.args, **b.kwargs)), b.args, b.kwargs) for b in batches]
 
     @torch.no_grad()
-    def nll(self, batches: list[Batch], windows: torch.Tensor) -> tuple[float, int]:
-        """Summed next-token negative log-likelihood of the windows, and the token count."""
-        mods = self._load_owners(skip=self._in_emb if self._in_emb != self._out_emb else None)
+    def map_logits(self, batches: list[Batch], fn: Callable[[int, torch.Tensor], None]) -> None:
+        """Call fn(window index, logits [L, V]) for every window, one window at a time
+        (a batch of full-vocabulary logits would be the largest tensor of the run)."""
+        mods = self._load_owners(skip=self._in_emb)
         head = self.model.get_output_embeddings()
-        total, count, row = 0.0, 0, 0
+        row = 0
         try:
             for b in batches:
                 for h in b.hidden:
-                    logits = head(self.final_norm(h[None])).float()[0]
-                    target = windows[row, 1:]
-                    total += float(torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum"))
-                    count += target.numel()
+                    fn(row, head(self.final_norm(h[None])).float()[0])
                     row += 1
         finally:
             for m in mods:
                 offload(m)
-        return total, count
+
+    def nll(self, batches: list[Batch], windows: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood of the windows, and the token count."""
+        acc = {"total": 0.0, "count": 0}
+
+        def add(row: int, logits: torch.Tensor) -> None:
+            target = windows[row, 1:]
+            acc["total"] += float(torch.nn.functional.cross_entropy(logits[:-1], target, reduction="sum"))
+            acc["count"] += target.numel()
+
+        self.map_logits(batches, add)
+        return acc["total"], acc["count"]

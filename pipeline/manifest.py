@@ -18,14 +18,16 @@ from cluster.storage import Storage
 
 from .config import Config
 
-STAGES = ("calibrate", "decompose", "assemble", "evaluate")
+STAGES = ("calibrate", "decompose", "learn", "assemble", "evaluate")
 
 
 def stage_keys(cfg: Config) -> dict[str, str]:
     d, c, r = cfg.data, cfg.compress, cfg.run
     parts: dict[str, Any] = {
         "calibrate": [cfg.model, d.source, d.text_field, d.calib_samples, d.seq_len, r.dtype],
-        "decompose": [c.method, c.ratio, c.asvd_alpha],
+        "decompose": [c.method, c.ratio, c.asvd_alpha, cfg.soco.coarse_ratio if c.method == "soco" else None],
+        "learn": ({k: v for k, v in vars(cfg.soco).items() if k not in ("threads_per_worker", "launcher")}
+                  if c.method == "soco" else None),
         "assemble": [r.dtype, r.shard_size_mb],
         "evaluate": [d.eval_samples, d.seq_len, r.eval_dense],
     }

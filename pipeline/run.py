@@ -31,6 +31,37 @@ from .stages.decompose import load_layer_factors, run_decompose
 from .stages.evaluate import perplexity, stored_params, write_report
 
 
+COARSE_PLAN = "factors/plan.json"
+
+
+def decomposition_plan(cfg: Config, model) -> Plan:
+    """Ranks the decompose stage factors to: the target's uniform ranks for the baselines;
+    for soco, svd-llm factors pre-truncated at the looser coarse ratio (default ratio / 2)."""
+    if cfg.compress.method != "soco":
+        return uniform_plan(model, cfg.compress.method, cfg.compress.ratio)
+    coarse = cfg.soco.coarse_ratio if cfg.soco.coarse_ratio >= 0 else cfg.compress.ratio / 2
+    plan = uniform_plan(model, "svd-llm", coarse) if coarse > 0 else full_plan(model)
+    uniform_plan(model, "soco", cfg.compress.ratio)  # refuses a target ratio no matrix can meet
+    return plan
+
+
+def full_plan(model) -> Plan:
+    """Coarse ratio 0: every component up to min(m, n) stays a candidate."""
+    from .plan import decoder_linears
+    shapes = decoder_linears(model)
+    return Plan("svd-llm", 0.0, {n: min(s) for n, s in shapes.items()}, shapes)
+
+
+def load_layer_learned(store: Storage, i: int):
+    from .stages.learn import learned_file
+    t = store.load_tensors(learned_file(i))
+    out: dict = {}
+    for key, v in t.items():
+        name, part = key.rsplit(".", 1)
+        out.setdefault(name, {})[part] = v
+    return out
+
+
 def set_threads(n: int) -> None:
     torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
 
@@ -59,7 +90,7 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
     tokenizer = source.tokenizer()
     model = build_skeleton(source.config, dtype)
     layers_name, layers = find_layers(model)
-    plan = uniform_plan(model, cfg.compress.method, cfg.compress.ratio)
+    plan = decomposition_plan(cfg, model)
     d = cfg.data
     windows = load_windows(d.source, d.text_field, tokenizer, d.calib_samples, d.seq_len, d.eval_samples)
     load_s = time.perf_counter() - t_load
@@ -82,11 +113,19 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
             if stage == "calibrate":
                 run_calibrate(LayerwiseModel(model, source, dtype), windows.calib, d.batch_size, store, progress)
             elif stage == "decompose":
-                store.write_json("plan.json", plan.to_json())
+                store.write_json(COARSE_PLAN, plan.to_json())
                 run_decompose(source, store, plan, layers_name, len(layers), cfg.compress.asvd_alpha, progress)
+            elif stage == "learn":
+                if cfg.compress.method == "soco":
+                    from .stages.learn import run_learn
+                    run_learn(cfg, source, store, Plan.from_json(store.read_json(COARSE_PLAN)), dtype, progress)
+                else:  # the baselines keep the decomposition's uniform ranks
+                    store.write_json("plan.json", store.read_json(COARSE_PLAN))
             elif stage == "assemble":
-                write_checkpoint(source, model, lambda i: load_layer_factors(store, i),
-                                 {"method": plan.method, "ratio": plan.ratio, "ranks": plan.ranks},
+                final = Plan.from_json(store.read_json("plan.json"))
+                load = load_layer_learned if cfg.compress.method == "soco" else load_layer_factors
+                write_checkpoint(source, model, lambda i: load(store, i),
+                                 {"method": cfg.compress.method, "ratio": final.ratio, "ranks": final.ranks},
                                  store, "checkpoint", dtype, int(cfg.run.shard_size_mb * 2**20), progress)
             elif stage == "evaluate":
                 report = evaluate_run(cfg, source, store, windows.eval, dtype, progress)

@@ -6,6 +6,9 @@ Output contract, one file per layer, `calib/layer-00012.safetensors`:
   `<key>.gram` (n x n float64), `<key>.mean_abs` (n float64), metadata
   `alias` = JSON {linear name in the layer: key} (linears fed the same tensor, such as
   q/k/v, share one key) and `tokens` = rows accumulated.
+Also `calib/windows.safetensors` (`windows`: the token ids [N, L]) and
+`calib/final-hidden.safetensors` (`hidden`: the dense model's last hidden states [N, L, d]),
+from which SoCo's learn stage derives its distillation targets without re-running the model.
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ from cluster.storage import Storage
 
 from ..layerwise import LayerwiseModel
 from ..model_io import linear_names
+
+
+WINDOWS_FILE = "calib/windows.safetensors"
+FINAL_HIDDEN_FILE = "calib/final-hidden.safetensors"
 
 
 def calib_file(i: int) -> str:
@@ -92,3 +99,5 @@ def run_calibrate(lw: LayerwiseModel, calib: torch.Tensor, batch_size: int, stor
                 stats.remove()
         tensors, meta = stats.tensors()
         store.save_tensors(calib_file(i), tensors, meta)
+    store.save_tensors(WINDOWS_FILE, {"windows": calib})
+    store.save_tensors(FINAL_HIDDEN_FILE, {"hidden": torch.cat([b.hidden for b in batches])})

@@ -1,0 +1,286 @@
+"""Learn (method `soco` only): train the spectrum scores, then keep exactly the budget.
+
+Inputs: `factors/` (svd-llm factors pre-truncated to the coarse ranks), `calib/windows`
+and `calib/final-hidden` (from calibrate), the model's non-linear weights.
+Outputs:
+  teacher/topk.safetensors      dense top-k log-probs (`logp`) and ids (`idx`) per token
+  scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
+                                `state` (schedule state JSON) and `curve` (per-step log JSON)
+  scores/final.safetensors      the same after the last stage
+  learned/layer-00012.safetensors kept components with the scores folded in, in the factors
+                                contract (`<linear>.U/.sigma/.Vt`), read by assemble
+  learn.json                    ranks, budget, out-of-order shares, steps, wall time
+  plots/*.png                   training curve, scores per component, ranks per layer
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from cluster.storage import Storage
+from soco.allocate import out_of_order_share, select_components
+from soco.objective import SoCoObjective, teacher_topk, topk_kl
+from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
+from soco.scores import ScoredLinear, scored_modules, set_hardness
+
+from ..layerwise import Batch, LayerwiseModel
+from ..model_io import ModelSource, build_skeleton, find_layers, materialise
+from ..plan import Plan
+from .calibrate import FINAL_HIDDEN_FILE, WINDOWS_FILE
+from .decompose import factors_file, load_layer_factors
+
+TEACHER_FILE = "teacher/topk.safetensors"
+FINAL_SCORES = "scores/final.safetensors"
+
+
+def learned_file(i: int) -> str:
+    return f"learned/layer-{i:05d}.safetensors"
+
+
+# --- teacher cache -----------------------------------------------------------------
+@torch.no_grad()
+def cache_teacher(source: ModelSource, store: Storage, k: int, dtype: torch.dtype) -> None:
+    """Top-k log-probabilities of the dense model on the calibration windows, from the final
+    hidden states that calibrate saved (only the norm and head run here)."""
+    hidden = store.load_tensors(FINAL_HIDDEN_FILE)["hidden"]
+    lw = LayerwiseModel(build_skeleton(source.config, dtype), source, dtype)
+    logp = torch.empty(*hidden.shape[:2], k, dtype=torch.float32)
+    idx = torch.empty(*hidden.shape[:2], k, dtype=torch.int32)
+
+    def keep(row: int, logits: torch.Tensor) -> None:
+        logp[row], idx[row] = teacher_topk(logits, k)
+
+    lw.map_logits([Batch(hidden, (), {})], keep)
+    store.save_tensors(TEACHER_FILE, {"logp": logp, "idx": idx})
+
+
+# --- the scored model ------------------------------------------------------------------
+def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with every planned linear replaced by a ScoredLinear over its factors.
+
+    Built one layer at a time: the dense layer is read, its linears swapped for the
+    factors, and the dense weights dropped, so peak memory is the factored model plus
+    one dense layer.
+    """
+    model = build_skeleton(source.config, dtype)
+    lw = LayerwiseModel(model, source, dtype)
+    lw.load_non_layer()
+    layers_name, layers = find_layers(model)
+    for i, layer in enumerate(layers):
+        factors = load_layer_factors(store, i)
+        materialise(model, layer, f"{layers_name}.{i}", source, dtype)
+        for name, f in factors.items():
+            lin = layer.get_submodule(name)
+            bias = None if lin.bias is None else lin.bias.detach()
+            layer.set_submodule(name, ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in scored_modules(model).values():
+        m.score.requires_grad_(True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def latest_checkpoint(store: Storage) -> str | None:
+    steps = sorted(n for n in store.listdir("scores") if n.startswith("step-") and n.endswith(".safetensors"))
+    return f"scores/{steps[-1]}" if steps else None
+
+
+def save_scores(store: Storage, rel: str, scores: dict[str, torch.Tensor], state: ScheduleState,
+                curve: list[dict]) -> None:
+    store.save_tensors(rel, {f"{n}.score": v for n, v in scores.items()},
+                       {"state": json.dumps(state.to_dict()), "curve": json.dumps(curve)})
+
+
+def load_scores(store: Storage, rel: str) -> tuple[dict[str, torch.Tensor], ScheduleState, list[dict]]:
+    t = store.load_tensors(rel)
+    meta = store.tensor_metadata(rel)
+    return ({k[: -len(".score")]: v for k, v in t.items()}, ScheduleState.from_dict(json.loads(meta["state"])),
+            json.loads(meta["curve"]))
+
+
+# --- the per-worker training loop -------------------------------------------------------
+def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
+    """Windows of a step: position p = step*batch + j walks a fresh permutation each epoch,
+    so the order depends only on (step, seed) and a resumed run sees the same batches."""
+    out = []
+    for j in range(batch):
+        p = step * batch + j
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + p // n))
+        out.append(int(perm[p % n]))
+    return out
+
+
+def train_worker(conf: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (or in-process): DeepSpeed ZeRO over the scored model."""
+    import torch.distributed as dist
+
+    from cluster import zero
+
+    torch.set_num_threads(conf["threads"])
+    torch.manual_seed(conf["seed"])
+    store, source = Storage(conf["run"]), ModelSource(conf["model"])
+    model = build_scored_model(source, store)
+    mods = scored_modules(model)
+    names = list(mods)
+    state, curve = None, []
+    ckpt = latest_checkpoint(store) if conf["resume"] else None
+    if ckpt is not None:
+        scores, state, curve = load_scores(store, ckpt)
+        with torch.no_grad():
+            for n, v in scores.items():
+                mods[n].score.copy_(v)
+    sched = ThreeStageSchedule(ScheduleConfig(**conf["schedule"]), state)
+    objective = SoCoObjective(model)
+    eng = zero.engine(objective, [mods[n].score for n in names], conf["lr"], conf["zero_stage"],
+                      conf["batch_size"] // (dist.get_world_size() if dist.is_initialized() else 1))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    windows = store.load_tensors(WINDOWS_FILE)["windows"]
+    teacher = store.load_tensors(TEACHER_FILE)
+    n_train = windows.shape[0] - conf["holdout"]
+    train_ids, hold_ids = list(range(n_train)), list(range(n_train, windows.shape[0]))
+    target = conf["target"]
+
+    def run(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # teacher row t and student logits at t both predict token t+1 of the window
+        return eng(windows[ids], teacher["logp"][ids], teacher["idx"][ids])
+
+    def all_mean(v: float) -> float:
+        if world == 1:
+            return v
+        t = torch.tensor([v], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / world
+
+    def checkpoint(rel: str) -> None:
+        with zero.gathered([mods[n].score for n in names]):
+            values = {n: mods[n].score.detach().clone() for n in names}
+        if rank == 0:
+            save_scores(store, rel, values, sched.state, curve)
+
+    t0 = time.perf_counter()
+    while sched.stage != Stage.DONE and sched.state.step < conf["max_steps"]:
+        step = sched.state.step
+        set_hardness(model, sched.hardness())
+        ids = batch_indices(step, conf["batch_size"], n_train, conf["seed"])[rank::world]
+        kl, soft = run([train_ids[i] for i in ids])
+        budget, sparsity = sched.penalty(soft, target)
+        eng.backward(kl + budget + sparsity)
+        eng.step()
+        soft_v, kl_v = float(soft.detach()), all_mean(float(kl.detach()))
+        stage_before = sched.stage
+        sched.after_step(soft_v, target)
+        entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
+                 "budget": float(budget.detach()), "hardness": sched.hardness() if sched.stage == stage_before else None,
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        if hold_ids and ((step + 1) % conf["eval_every"] == 0 or sched.stage == Stage.DONE):
+            with torch.no_grad():
+                hk = all_mean(float(run(hold_ids[rank::world])[0]))
+            entry["holdout_kl"] = hk
+            sched.after_holdout(hk)
+        curve.append(entry)
+        if conf["progress"] and rank == 0:
+            print(f"learn step {step + 1} stage {int(stage_before)} kl {kl_v:.4f} soft/target {soft_v / target:.4f}"
+                  + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
+        if sched.state.step % conf["checkpoint_every"] == 0:
+            checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
+    checkpoint(FINAL_SCORES)
+    zero.finish()
+
+
+# --- driver: launch, select, fold -------------------------------------------------------
+def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool) -> dict[str, Any]:
+    s = cfg.soco
+    workers = max(1, s.workers)
+    import os
+    threads = s.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    return {"run": store.url(), "model": cfg.model, "seed": s.seed, "threads": threads, "lr": s.lr,
+            "zero_stage": s.zero_stage, "batch_size": s.batch_size, "holdout": s.holdout_samples,
+            "eval_every": s.eval_every, "checkpoint_every": s.checkpoint_every, "max_steps": s.max_steps,
+            "target": float(budget_params(plan, cfg.compress.ratio)), "resume": resume, "progress": progress,
+            "schedule": {"budget_weight": s.budget_weight, "sparsity_weight": s.sparsity_weight,
+                         "coarse_max_steps": s.coarse_max_steps, "refine_steps": s.refine_steps,
+                         "sparsify_steps": s.sparsify_steps, "patience": s.patience},
+            "workers": workers}
+
+
+def budget_params(plan: Plan, ratio: float) -> int:
+    """Parameters the compressed linears may keep: (1 - ratio) of their dense count."""
+    return math.floor((1 - ratio) * plan.dense_params())
+
+
+def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch.dtype,
+              progress: bool = True) -> dict[str, Any]:
+    """Teacher cache -> ZeRO training (Ray Train workers, or in-process) -> selection -> fold."""
+    t0 = time.perf_counter()
+    if not store.exists(TEACHER_FILE):
+        cache_teacher(source, store, cfg.soco.topk, dtype)
+    if cfg.data.calib_samples - cfg.soco.holdout_samples < 1:
+        from ..errors import UserError
+        raise UserError("soco.holdout_samples must leave at least one calibration window for training")
+    conf = learn_settings(cfg, plan, store, resume=True, progress=progress)
+    if cfg.soco.workers >= 1 and cfg.soco.launcher == "ray":
+        from cluster import zero
+        zero.launch(train_worker, conf, conf["workers"], cpus_per_worker=conf["threads"])
+    else:
+        train_worker(conf)
+    train_s = time.perf_counter() - t0
+    layers_name, layers = find_layers(build_skeleton(source.config, dtype))
+    return finalize(store, plan, cfg.compress.ratio, cfg.soco.min_rank_fraction, train_s, layers_name, len(layers))
+
+
+def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float, train_s: float,
+             layers_name: str, n_layers: int) -> dict[str, Any]:
+    """Global selection under the exact budget, folding, learned/ files, plan.json, plots."""
+    from soco.ranks import uniform_rank
+    scores, state, curve = load_scores(store, FINAL_SCORES)
+    budget = budget_params(plan, ratio)
+    costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
+    importance = {n: scores[n].abs() for n in plan.ranks}
+    min_rank = {n: max(1, math.floor(min_rank_fraction * uniform_rank(*plan.shapes[n], ratio))) for n in plan.ranks}
+    keep = select_components(importance, costs, budget, min_rank)
+    shares, final_ranks = {}, {}
+    for i in range(n_layers):
+        factors = load_layer_factors(store, i)
+        out = {}
+        for name, f in factors.items():
+            full = f"{layers_name}.{i}.{name}"
+            mod = ScoredLinear(f["U"], f["sigma"], f["Vt"])
+            with torch.no_grad():
+                mod.score.copy_(scores[full])
+            mod.hardness = 1.0
+            mod.threshold = 0.5
+            k = keep[full]
+            w = mod.multiplier().detach()[k]
+            # fold s * sigma; the sign goes into U so that sigma stays a magnitude
+            out[f"{name}.U"] = (f["U"][:, k] * torch.sign(w)[None, :]).contiguous()
+            out[f"{name}.sigma"] = w.abs().contiguous()
+            out[f"{name}.Vt"] = f["Vt"][k].contiguous()
+            shares[full] = out_of_order_share(f["sigma"], k)
+            final_ranks[full] = int(k.numel())
+        store.save_tensors(learned_file(i), out, {"method": "soco"})
+    kept = sum(final_ranks[n] * costs[n] for n in final_ranks)
+    final_plan = Plan("soco", ratio, final_ranks, plan.shapes)
+    summary = {
+        "budget_params": budget, "kept_params": kept, "dense_params": plan.dense_params(),
+        "coarse_ranks": plan.ranks, "steps": state.step, "stage_boundaries": state.boundaries,
+        "train_seconds": round(train_s, 1),
+        "out_of_order_share": sum(shares[n] * final_ranks[n] for n in shares) / max(1, sum(final_ranks.values())),
+        "out_of_order_share_per_matrix": shares, "matrices_with_zero_out_of_order": sum(v == 0 for v in shares.values()),
+    }
+    store.write_json("learn.json", summary)
+    store.write_json("plan.json", final_plan.to_json())
+    try:
+        from ..plots import plot_learning
+        plot_learning(store, curve, state.boundaries, scores, plan, final_ranks, keep, layers_name)
+    except Exception as e:  # noqa: BLE001 - a missing plot must not lose a finished training
+        print(f"soco: warning: plots not written: {e}")
+    return summary

@@ -1,0 +1,47 @@
+"""Global selection of components under an exact parameter budget.
+
+After training, every component of every matrix has a learned importance (|score|: the
+scores were learned under a cost proportional to each component's parameters, so a
+score that survived is worth its parameters). Components are ranked globally by
+importance and added while they fit the budget; a smaller component that still fits is
+taken after a larger one that did not, so the kept count ends within one component of
+the budget and never above it. Each matrix keeps at least `min_rank` components, the
+guard against starving a matrix that a global ranking needs (see ../shared/README.md).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def select_components(importance: dict[str, torch.Tensor], costs: dict[str, int], budget: int,
+                      min_rank: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Indices (sorted) of the kept components of each matrix; sum(len * cost) <= budget."""
+    min_rank = min_rank or {}
+    keep: dict[str, list[int]] = {n: [] for n in importance}
+    used = 0
+    candidates: list[tuple[float, str, int]] = []
+    for name, imp in importance.items():
+        order = torch.argsort(imp, descending=True, stable=True).tolist()
+        r = min(min_rank.get(name, 0), len(order))
+        keep[name].extend(order[:r])
+        used += r * costs[name]
+        candidates.extend((float(imp[i]), name, i) for i in order[r:])
+    if used > budget:
+        raise ValueError(f"the minimum ranks alone need {used} parameters, over the budget {budget}")
+    candidates.sort(key=lambda c: -c[0])
+    for _, name, i in candidates:
+        if used + costs[name] <= budget:
+            keep[name].append(i)
+            used += costs[name]
+    return {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in keep.items()}
+
+
+def out_of_order_share(sigma: torch.Tensor, keep: torch.Tensor) -> float:
+    """Share of kept components with a smaller sigma than some pruned component of the
+    same matrix (0 for a pure singular-value truncation)."""
+    mask = torch.zeros(sigma.numel(), dtype=torch.bool)
+    mask[keep] = True
+    if mask.all() or not mask.any():
+        return 0.0
+    best_pruned = sigma[~mask].max()
+    return float((sigma[mask] < best_pruned).sum()) / int(mask.sum())

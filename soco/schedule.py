@@ -1,0 +1,125 @@
+"""SoCo's three-stage schedule and its switching rules.
+
+Loss at every step: KL(teacher || student) + budget + sparsity, where with
+`excess = soft_count / target - 1`:
+
+1. COARSE compression: budget = lambda * relu(excess) and sparsity = mu * soft_count /
+   target. Every gate is pushed down in proportion to its parameter cost while the KL
+   keeps the useful ones. Switch to REFINE when the soft count reaches the target
+   (excess <= tolerance), or after `coarse_max_steps` (then the final cut enforces it).
+2. REFINEMENT: sparsity off; budget = lambda * relu(excess) only holds the count at the
+   target while the scores learn to compensate (gates saturate at 1, so kept scores can
+   grow above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
+   held-out KL has not improved for `patience` evaluations.
+3. Fine-grained SPARSIFY: the gates' hardness ramps linearly from 0 to 1 over
+   `sparsify_steps` (towards exact 0/1 at threshold 0.5) with sparsity back on, so
+   borderline components are decided. Then DONE.
+
+After DONE the caller keeps exactly the budget by a global ranking of the components
+(soco.allocate) and folds the scores into the factors.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+import torch
+
+
+class Stage(IntEnum):
+    COARSE = 1
+    REFINE = 2
+    SPARSIFY = 3
+    DONE = 4
+
+
+@dataclass
+class ScheduleConfig:
+    budget_weight: float = 5.0  # lambda: weight of relu(soft/target - 1)
+    sparsity_weight: float = 0.5  # mu: weight of soft/target in stages 1 and 3
+    tolerance: float = 0.0  # stage 1 ends when soft <= target * (1 + tolerance)
+    coarse_max_steps: int = 200
+    refine_steps: int = 60
+    sparsify_steps: int = 20
+    patience: int = 3  # held-out evaluations without improvement that end refinement early
+
+
+@dataclass
+class ScheduleState:
+    stage: Stage = Stage.COARSE
+    step: int = 0  # optimisation steps taken
+    stage_start: int = 0
+    best_holdout: float = float("inf")
+    bad_evals: int = 0
+    boundaries: list[int] = field(default_factory=list)  # steps at which stages 2, 3, DONE began
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stage"] = int(self.stage)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleState":
+        d = dict(d)
+        d["stage"] = Stage(d["stage"])
+        return cls(**d)
+
+
+class ThreeStageSchedule:
+    """Holds the stage and decides the loss terms and the switches; pure arithmetic."""
+
+    def __init__(self, cfg: ScheduleConfig, state: ScheduleState | None = None) -> None:
+        self.cfg = cfg
+        self.state = state or ScheduleState()
+
+    @property
+    def stage(self) -> Stage:
+        return self.state.stage
+
+    def hardness(self) -> float:
+        if self.stage == Stage.SPARSIFY:
+            return min(1.0, (self.state.step - self.state.stage_start + 1) / max(1, self.cfg.sparsify_steps))
+        return 1.0 if self.stage == Stage.DONE else 0.0
+
+    def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(budget term, sparsity term) for this stage."""
+        excess = soft / target - 1.0
+        budget = self.cfg.budget_weight * torch.relu(excess)
+        if self.stage in (Stage.COARSE, Stage.SPARSIFY):
+            sparsity = self.cfg.sparsity_weight * soft / target
+        else:
+            sparsity = soft.new_zeros(())
+        return budget, sparsity
+
+    def _switch(self, to: Stage) -> None:
+        self.state.stage = to
+        self.state.stage_start = self.state.step
+        self.state.boundaries.append(self.state.step)
+        self.state.best_holdout, self.state.bad_evals = float("inf"), 0
+
+    def after_step(self, soft_count: float, target: float) -> Stage:
+        """Count the step just taken and apply the switching rules; returns the stage now."""
+        s = self.state
+        s.step += 1
+        in_stage = s.step - s.stage_start
+        if s.stage == Stage.COARSE and (soft_count <= target * (1 + self.cfg.tolerance)
+                                        or in_stage >= self.cfg.coarse_max_steps):
+            self._switch(Stage.REFINE)
+        elif s.stage == Stage.REFINE and in_stage >= self.cfg.refine_steps:
+            self._switch(Stage.SPARSIFY)
+        elif s.stage == Stage.SPARSIFY and in_stage >= self.cfg.sparsify_steps:
+            self._switch(Stage.DONE)
+        return s.stage
+
+    def after_holdout(self, kl: float) -> Stage:
+        """Early stopping of refinement on the held-out KL."""
+        s = self.state
+        if s.stage != Stage.REFINE:
+            return s.stage
+        if kl < s.best_holdout - 1e-4:
+            s.best_holdout, s.bad_evals = kl, 0
+        else:
+            s.bad_evals += 1
+            if s.bad_evals >= self.cfg.patience:
+                self._switch(Stage.SPARSIFY)
+        return s.stage
