@@ -1,0 +1,123 @@
+"""SoCo's pieces in isolation: gradients, counts, folding, schedule rules, selection, KL."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soco.allocate import out_of_order_share, select_components
+from soco.decompose import svd_factors
+from soco.lowrank import LowRankLinear
+from soco.objective import SoCoObjective, teacher_topk, topk_kl
+from soco.schedule import ScheduleConfig, Stage, ThreeStageSchedule
+from soco.scores import ScoredLinear, exact_count, scored_modules, set_hardness, soft_count
+
+
+def _tiny_scored_model(tiny_llama):
+    """The tiny Llama with every decoder linear replaced by a full-rank ScoredLinear."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        for name in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
+            f = svd_factors(layer.get_submodule(name).weight.detach())
+            layer.set_submodule(name, ScoredLinear(f.U.float(), f.sigma.float(), f.Vt.float()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in scored_modules(model).values():
+        m.score.requires_grad_(True)
+    return model
+
+
+def test_gradients_reach_only_the_scores(tiny_llama):
+    model = _tiny_scored_model(tiny_llama)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        logp, idx = teacher_topk(torch.randn(2, 12, model.config.vocab_size), 8)
+    kl, soft = SoCoObjective(model)(ids, logp, idx)
+    (kl + soft / 1e4).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(n.endswith(".score") for n in with_grad)
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith(".score"))
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if n.endswith(".score"))
+
+
+def test_soft_count_equals_exact_count_when_gates_are_hard(tiny_llama):
+    model = _tiny_scored_model(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    for m in scored_modules(model).values():
+        with torch.no_grad():
+            m.score.copy_(torch.rand(m.rank, generator=g) * 1.6 - 0.3)
+    assert float(soft_count(model)) != exact_count(model)  # soft gates differ from the count
+    set_hardness(model, 1.0)
+    assert float(soft_count(model)) == exact_count(model)
+
+
+def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
+    model = _tiny_scored_model(tiny_llama)
+    g = torch.Generator().manual_seed(1)
+    for m in scored_modules(model).values():
+        with torch.no_grad():
+            m.score.copy_(torch.rand(m.rank, generator=g) * 2.0)
+    set_hardness(model, 1.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
+    with torch.no_grad():
+        scored = model(ids).logits
+        for name, m in list(scored_modules(model).items()):
+            keep = torch.nonzero(m.score.abs() >= 0.5).flatten()
+            up, down = m.folded(keep)
+            model.set_submodule(name, LowRankLinear.from_factors(up, down))
+        folded = model(ids).logits
+    assert torch.allclose(scored, folded, atol=1e-4, rtol=1e-4)
+
+
+def test_schedule_switching_rules():
+    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=2, patience=2)
+    s = ThreeStageSchedule(cfg)
+    assert s.after_step(soft_count=120.0, target=100.0) == Stage.COARSE
+    assert s.after_step(soft_count=100.0, target=100.0) == Stage.REFINE  # reached the budget
+    assert s.state.boundaries == [2] and s.hardness() == 0.0
+    s.after_holdout(1.0)
+    s.after_step(99.0, 100.0)
+    s.after_holdout(1.5)
+    assert s.stage == Stage.REFINE
+    s.after_holdout(1.2)  # second evaluation without improvement: early stop
+    assert s.stage == Stage.SPARSIFY and s.state.boundaries == [2, 3]
+    assert 0 < s.hardness() < 1
+    s.after_step(99.0, 100.0)
+    assert s.hardness() == 1.0
+    assert s.after_step(99.0, 100.0) == Stage.DONE
+    # the coarse stage ends after coarse_max_steps even above the budget
+    t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
+    t.after_step(200.0, 100.0)
+    assert t.after_step(200.0, 100.0) == Stage.REFINE
+
+
+def test_schedule_penalties_by_stage():
+    s = ThreeStageSchedule(ScheduleConfig(budget_weight=2.0, sparsity_weight=0.5))
+    soft = torch.tensor(110.0)
+    b, sp = s.penalty(soft, 100.0)
+    assert float(b) == pytest.approx(0.2) and float(sp) == pytest.approx(0.55)
+    s.state.stage = Stage.REFINE
+    b, sp = s.penalty(torch.tensor(90.0), 100.0)
+    assert float(b) == 0.0 and float(sp) == 0.0  # under budget and no sparsity while refining
+
+
+def test_global_selection_keeps_exactly_the_budget():
+    imp = {"a": torch.tensor([5.0, 4.0, 0.1, 3.0]), "b": torch.tensor([0.2, 4.5, 0.05])}
+    costs = {"a": 10, "b": 7}
+    keep = select_components(imp, costs, budget=40, min_rank={"b": 1})
+    used = sum(len(v) * costs[n] for n, v in keep.items())
+    assert used <= 40 and 40 - used < min(costs.values())
+    assert keep["a"].tolist() == [0, 1] and keep["b"].tolist() == [1] or used == 37
+    assert out_of_order_share(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 2])) == 0.5
+    assert out_of_order_share(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1])) == 0.0
+
+
+def test_topk_kl_is_exact_kl_when_k_covers_the_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    logp, idx = teacher_topk(t, 11)
+    full = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
+                                      reduction="none").sum(-1).mean()
+    assert float(topk_kl(s, logp, idx)) == pytest.approx(float(full), abs=1e-5)
+    assert float(topk_kl(t, *teacher_topk(t, 4))) == pytest.approx(0.0, abs=1e-6)
