@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set compress.ratio=0.6 (repeatable)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--address", help="join this Ray cluster (host:6379, ray://host:10001, auto); default: "
+                                     "$RAY_ADDRESS, else a local Ray started in-process")
     e = sub.add_parser("eval", help="perplexity and parameter counts of a soco checkpoint")
     e.add_argument("checkpoint", help="checkpoint folder (local path or fsspec URL)")
     e.add_argument("--data", default="bundled:wiki", help="text source (default bundled:wiki)")
@@ -30,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-samples", type=int, default=32, help="held-out windows (0 = all)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--quiet", action="store_true")
+    from cluster.jobs import add_job_parsers
+    add_job_parsers(sub)  # submit / status / logs (Ray Jobs)
     return p
 
 
@@ -38,6 +42,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import compress
     cfg = load_config(args.config, args.overrides)
+    if args.address:
+        cfg.ray.address = args.address
     report = compress(cfg, progress=not args.quiet)
     ppl = report["perplexity"]
     print(f"checkpoint: {report['checkpoint']}")
@@ -81,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compress":
             return cmd_compress(args)
+        if args.command in ("submit", "status", "logs"):
+            from cluster.jobs import run_job_command
+            return run_job_command(args)
         return cmd_eval(args)
     except UserError as e:
         print(f"soco: error: {e}", file=sys.stderr)

@@ -111,10 +111,18 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 stale = True
             t0 = man.start(stage)
             if stage == "calibrate":
-                run_calibrate(LayerwiseModel(model, source, dtype), windows.calib, d.batch_size, store, progress)
+                if cfg.ray.enabled:  # data-parallel over Ray actors (cluster/ray_tasks.py)
+                    from cluster.ray_tasks import ray_calibrate
+                    ray_calibrate(cfg, windows.calib, store, progress)
+                else:
+                    run_calibrate(LayerwiseModel(model, source, dtype), windows.calib, d.batch_size, store, progress)
             elif stage == "decompose":
                 store.write_json(COARSE_PLAN, plan.to_json())
-                run_decompose(source, store, plan, layers_name, len(layers), cfg.compress.asvd_alpha, progress)
+                if cfg.ray.enabled:  # one Ray task per layer, reading and writing the run folder itself
+                    from cluster.ray_tasks import ray_decompose
+                    ray_decompose(cfg, store, COARSE_PLAN, layers_name, len(layers), progress)
+                else:
+                    run_decompose(source, store, plan, layers_name, len(layers), cfg.compress.asvd_alpha, progress)
             elif stage == "learn":
                 if cfg.compress.method == "soco":
                     from .stages.learn import run_learn
@@ -124,9 +132,13 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
             elif stage == "assemble":
                 final = Plan.from_json(store.read_json("plan.json"))
                 load = load_layer_learned if cfg.compress.method == "soco" else load_layer_factors
-                write_checkpoint(source, model, lambda i: load(store, i),
-                                 {"method": cfg.compress.method, "ratio": final.ratio, "ranks": final.ranks},
-                                 store, "checkpoint", dtype, int(cfg.run.shard_size_mb * 2**20), progress)
+                meta = {"method": cfg.compress.method, "ratio": final.ratio, "ranks": final.ranks}
+                if cfg.ray.enabled:  # one Ray task per shard
+                    from cluster.ray_tasks import ray_write_checkpoint
+                    ray_write_checkpoint(cfg, source, final, meta, load, store, "checkpoint", dtype, progress)
+                else:
+                    write_checkpoint(source, model, lambda i: load(store, i), meta,
+                                     store, "checkpoint", dtype, int(cfg.run.shard_size_mb * 2**20), progress)
             elif stage == "evaluate":
                 report = evaluate_run(cfg, source, store, windows.eval, dtype, progress)
             man.finish(stage, t0)
@@ -152,10 +164,14 @@ def evaluate_run(cfg: Config, source: ModelSource, store: Storage, eval_windows:
     cmodel = compressed_skeleton(ckpt.config, dtype)
     layers_name, _ = find_layers(cmodel)
     bs = cfg.data.batch_size
-    ppl_c = perplexity(LayerwiseModel(cmodel, ckpt, dtype), eval_windows, bs, desc="evaluate compressed",
-                       progress=progress)
-    ppl_d = None
-    if cfg.run.eval_dense:
+    if cfg.ray.enabled:  # data-parallel over Ray actors (cluster/ray_tasks.py)
+        from cluster.ray_tasks import ray_perplexities
+        ppl_c, ppl_d = ray_perplexities(cfg, store, eval_windows, progress)
+    else:
+        ppl_c = perplexity(LayerwiseModel(cmodel, ckpt, dtype), eval_windows, bs, desc="evaluate compressed",
+                           progress=progress)
+        ppl_d = None
+    if cfg.run.eval_dense and not cfg.ray.enabled:
         ppl_d = perplexity(LayerwiseModel(build_skeleton(source.config, dtype), source, dtype), eval_windows, bs,
                            desc="evaluate dense", progress=progress)
     before, after = stored_params(source, layers_name), stored_params(ckpt, layers_name)

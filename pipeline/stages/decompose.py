@@ -7,6 +7,7 @@ Output contract, one file per layer, `factors/layer-00012.safetensors`:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -25,17 +26,20 @@ def factors_file(i: int) -> str:
 
 
 def decompose_layer(source: ModelSource, store: Storage, plan: Plan, layers_name: str, i: int,
-                    alpha: float = 0.5) -> None:
-    """Factor the linears of layer i and commit its factors file."""
+                    alpha: float = 0.5, device: str | None = None) -> None:
+    """Factor the linears of layer i (on `device`, e.g. a Ray task's GPU) and commit its factors file."""
     ranks = plan.layer_ranks(layers_name, i)
     grams, means = load_layer_stats(store, i)
     weights = source.tensors([f"{layers_name}.{i}.{name}.weight" for name in ranks])
     out, damping = {}, {}
     for name, k in ranks.items():
-        W = weights[f"{layers_name}.{i}.{name}.weight"]
-        f = decompose(plan.method, W, grams.get(name), means.get(name), k=k, alpha=alpha)
+        W, g, mu = weights[f"{layers_name}.{i}.{name}.weight"], grams.get(name), means.get(name)
+        if device is not None:
+            W, g, mu = (None if t is None else t.to(device) for t in (W, g, mu))
+        with torch.device(device) if device else contextlib.nullcontext():  # identities etc. go there too
+            f = decompose(plan.method, W, g, mu, k=k, alpha=alpha)
         out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = (
-            f.U.float().contiguous(), f.sigma.float().contiguous(), f.Vt.float().contiguous())
+            f.U.float().cpu().contiguous(), f.sigma.float().cpu().contiguous(), f.Vt.float().cpu().contiguous())
         damping[name] = f.damping
     store.save_tensors(factors_file(i), out, {"method": plan.method, "damping": json.dumps(damping)})
 

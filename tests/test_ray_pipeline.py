@@ -1,0 +1,135 @@
+"""The Ray path against the in-process path on a tiny model: calibration within float tolerance,
+factors and checkpoint shards identical, same perplexity; a local Ray started once per module."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for a throwaway local Ray
+
+from cluster.storage import Storage  # noqa: E402
+from pipeline import compress  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from cluster.ray_runtime import ensure_ray
+    from cluster.ray_tasks import drop_pool
+    from pipeline.config import RayConfig
+    started = not ray.is_initialized()
+    ensure_ray(RayConfig())  # what compress() would start: reused by every run below
+    yield ray
+    if started:
+        drop_pool()
+        ray.shutdown()
+
+
+def _plan_rel(run) -> str:
+    import pipeline.run
+    return getattr(pipeline.run, "COARSE_PLAN", "plan.json")  # the plan the decompose stage reads
+
+
+def _files(folder, sub):
+    return sorted(p.name for p in (folder / sub).iterdir() if p.name.endswith(".safetensors"))
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def both_paths(tmp_path_factory, tiny_qwen2, text_file, ray_local):
+    """The same tiny run in-process and on Ray (3 calibration workers: uneven shares of 16 windows)."""
+    root = tmp_path_factory.mktemp("paths")
+    local = tiny_config(tiny_qwen2, root / "local", text_file)
+    local.ray.enabled = False
+    on_ray = tiny_config(tiny_qwen2, root / "ray", text_file)
+    on_ray.ray.calib_workers = 3
+    return root, compress(local, progress=False), compress(on_ray, progress=False)
+
+
+def test_ray_calibration_equals_single_process(both_paths):
+    root, _, _ = both_paths
+    a, b = Storage(str(root / "local")), Storage(str(root / "ray"))
+    names = _files(root / "local", "calib")
+    assert names and names == _files(root / "ray", "calib")
+    for name in names:
+        ta, tb = a.load_tensors(f"calib/{name}"), b.load_tensors(f"calib/{name}")
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.allclose(ta[k], tb[k], rtol=1e-9, atol=1e-12), (name, k)
+        if name.startswith("layer-"):
+            assert a.tensor_metadata(f"calib/{name}") == b.tensor_metadata(f"calib/{name}")
+
+
+def test_ray_path_gives_the_same_perplexity_and_checkpoint(both_paths):
+    root, rep_local, rep_ray = both_paths
+    for key in ("dense", "compressed"):
+        assert rep_ray["perplexity"][key] == pytest.approx(rep_local["perplexity"][key], rel=1e-6)
+    assert rep_ray["params"] == rep_local["params"]
+    ca, cb = root / "local" / "checkpoint", root / "ray" / "checkpoint"
+    assert sorted(p.name for p in ca.iterdir()) == sorted(p.name for p in cb.iterdir())
+    assert len(_files(root / "local", "checkpoint")) > 1, "checkpoint should be sharded"
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
+        assert (ca / name).read_bytes() == (cb / name).read_bytes(), name
+    sa, sb = Storage(str(ca)), Storage(str(cb))
+    for name in _files(root / "local", "checkpoint"):
+        ta, tb = sa.load_tensors(name), sb.load_tensors(name)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6), (name, k)
+
+
+def test_ray_tasks_write_the_in_process_factors_and_shards(both_paths, tiny_qwen2, text_file):
+    """On the same calibration, decompose tasks write the same factors and shard tasks the same bytes."""
+    from cluster.ray_tasks import WORKER_PEAK_RSS_MB, ray_decompose, ray_write_checkpoint
+    from pipeline.model_io import DTYPE_MAP, ModelSource
+    from pipeline.plan import Plan
+    from pipeline.stages.decompose import load_layer_factors
+    root, _, _ = both_paths
+    run = root / "replay"
+    shutil.copytree(root / "local", run, ignore=shutil.ignore_patterns("checkpoint"))
+    for f in (run / "factors").glob("layer-*"):
+        f.unlink()
+    cfg = tiny_config(tiny_qwen2, run, text_file)
+    cfg.ray.max_in_flight = 1  # bounded submission, one at a time
+    store = Storage(str(run))
+    results = ray_decompose(cfg, store, _plan_rel(run), "model.layers", 3, progress=False)
+    assert sorted(r["layer"] for r in results) == [0, 1, 2] and all(r["device"] == "cpu" for r in results)
+    assert WORKER_PEAK_RSS_MB and all(v > 0 for v in WORKER_PEAK_RSS_MB.values())
+    for name in _files(root / "local", "factors"):
+        ta = Storage(str(root / "local")).load_tensors(f"factors/{name}")
+        tb = store.load_tensors(f"factors/{name}")
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.allclose(ta[k], tb[k], rtol=1e-6, atol=1e-7), (name, k)
+    final = Plan.from_json(store.read_json("plan.json"))
+    meta = {"method": "svd-llm", "ratio": final.ratio, "ranks": final.ranks}
+    ray_write_checkpoint(cfg, ModelSource(str(tiny_qwen2)), final, meta, load_layer_factors, store, "checkpoint",
+                         DTYPE_MAP["float32"], progress=False)
+    ca, cb = root / "local" / "checkpoint", run / "checkpoint"
+    assert sorted(p.name for p in ca.iterdir()) == sorted(p.name for p in cb.iterdir())
+    for p in ca.iterdir():
+        assert _digest(p) == _digest(cb / p.name), p.name
+    assert not [p for p in run.iterdir() if p.name.startswith("soco-ckpt-")], "staging folder left behind"
+
+
+def test_ray_task_failure_fails_the_stage_and_the_run(tmp_path, tiny_llama, text_file, ray_local):
+    """A task that fails (its calibration file is gone) surfaces as the stage's error."""
+    cfg = tiny_config(tiny_llama, tmp_path / "run", text_file)
+    compress(cfg, progress=False)
+    (tmp_path / "run" / "calib" / "layer-00001.safetensors").unlink()
+    cfg.compress.ratio = 0.3  # decompose reruns, reading the missing file
+    with pytest.raises(Exception) as e:
+        compress(cfg, progress=False)
+    assert "layer-00001" in str(e.value)
+    import json
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"
