@@ -58,10 +58,14 @@ def gathered(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def finish() -> None:
-    """Tear down the process group cleanly (avoids rare aborts at exit of ZeRO-3 ranks)."""
+def finish(destroy: bool = True) -> None:
+    """Barrier, then tear down the process group (avoids rare aborts at exit of ZeRO-3 ranks).
+
+    An in-process run keeps its one-rank group (destroy=False): DeepSpeed caches groups at
+    module level, and a later engine in the same process must find them valid.
+    """
     import torch.distributed as dist
-    if dist.is_initialized():
+    if dist.is_initialized() and destroy:
         import deepspeed
         deepspeed.comm.barrier()
         dist.destroy_process_group()

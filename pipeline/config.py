@@ -62,6 +62,7 @@ class SocoConfig:
     checkpoint_every: int = 20  # steps between score checkpoints
     min_rank_fraction: float = 0.1  # every matrix keeps at least this share of its uniform rank
     zero_stage: int = 3  # DeepSpeed ZeRO stage: 2 or 3
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (large models)
     workers: int = 1  # Ray Train workers (data-parallel ranks)
     threads_per_worker: int = 0  # torch threads per worker; 0 = cores / workers
     launcher: str = "ray"  # ray (Ray Train TorchTrainer) | local (this process, one rank)

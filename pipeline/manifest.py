@@ -26,7 +26,7 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     parts: dict[str, Any] = {
         "calibrate": [cfg.model, d.source, d.text_field, d.calib_samples, d.seq_len, r.dtype],
         "decompose": [c.method, c.ratio, c.asvd_alpha, cfg.soco.coarse_ratio if c.method == "soco" else None],
-        "learn": ({k: v for k, v in vars(cfg.soco).items() if k not in ("threads_per_worker", "launcher")}
+        "learn": ({k: v for k, v in vars(cfg.soco).items() if k not in ("threads_per_worker", "launcher", "activation_checkpointing")}
                   if c.method == "soco" else None),
         "assemble": [r.dtype, r.shard_size_mb],
         "evaluate": [d.eval_samples, d.seq_len, r.eval_dense],

@@ -99,6 +99,7 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
     created = prepare_output(store)
     store.makedirs()
     man = Manifest(store, cfg)
+    previous = {k: dict(v) for k, v in man.stages.items()}  # stage entries before this invocation
     try:
         timings = {"load": round(load_s, 3)}
         stale = False
@@ -126,7 +127,10 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
             elif stage == "learn":
                 if cfg.compress.method == "soco":
                     from .stages.learn import run_learn
-                    run_learn(cfg, source, store, Plan.from_json(store.read_json(COARSE_PLAN)), dtype, progress)
+                    prev = previous.get("learn") or {}
+                    resume = prev.get("key") == man.keys["learn"]  # same inputs, interrupted: go on
+                    run_learn(cfg, source, store, Plan.from_json(store.read_json(COARSE_PLAN)), dtype, progress,
+                              resume=resume)
                 else:  # the baselines keep the decomposition's uniform ranks
                     store.write_json("plan.json", store.read_json(COARSE_PLAN))
             elif stage == "assemble":

@@ -36,3 +36,49 @@ def test_soco_end_to_end_keeps_exact_budget(tmp_path, tiny_llama, text_file):
     for png in ("training_curve.png", "scores.png", "ranks.png"):
         assert (run / "plots" / png).stat().st_size > 1000
     assert report["perplexity"]["compressed"] > 1
+
+
+def _final_scores(run):
+    from cluster.storage import Storage
+    from pipeline.stages.learn import FINAL_SCORES, load_scores
+    return load_scores(Storage(str(run)), FINAL_SCORES)
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_match_one_rank(tmp_path, tiny_llama, text_file):
+    """Ray Train launches the DeepSpeed ZeRO-3 learn stage on 2 gloo ranks (the frozen factors
+    partitioned between them); the result matches a 1-rank run of the same global batch."""
+    knobs = {"launcher": "ray", "zero_stage": 3, "max_steps": 6, "coarse_max_steps": 3, "refine_steps": 2,
+             "sparsify_steps": 1, "eval_every": 100}
+    one = compress(soco_config(tiny_llama, tmp_path / "one", text_file, workers=1, **knobs), progress=False)
+    two = compress(soco_config(tiny_llama, tmp_path / "two", text_file, workers=2, **knobs), progress=False)
+    s1, st1, c1 = _final_scores(tmp_path / "one")
+    s2, st2, c2 = _final_scores(tmp_path / "two")
+    assert st1.step == st2.step == 6
+    for name in s1:
+        assert torch.allclose(s1[name], s2[name], atol=1e-4), name
+    assert [round(e["kl"], 4) for e in c1] == pytest.approx([round(e["kl"], 4) for e in c2], abs=2e-4)
+    assert abs(one["perplexity"]["compressed"] - two["perplexity"]["compressed"]) < 1e-3 * one["perplexity"]["compressed"]
+
+
+def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_llama, text_file):
+    from cluster.storage import Storage
+    from pipeline.run import compress as run_compress
+    from pipeline.stages.learn import latest_checkpoint, learn_settings, load_scores, train_worker
+    from pipeline.plan import Plan
+    cfg = soco_config(tiny_llama, tmp_path / "run", text_file, checkpoint_every=4, max_steps=9,
+                      coarse_max_steps=3, refine_steps=20, eval_every=100)
+    run_compress(cfg, progress=False)
+    store = Storage(str(tmp_path / "run"))
+    assert latest_checkpoint(store) == "scores/step-000008.safetensors"
+    scores8, state8, curve8 = load_scores(store, "scores/step-000008.safetensors")
+    assert state8.step == 8 and len(curve8) == 8
+    # continue the stage from its last checkpoint with a larger step budget
+    plan = Plan.from_json(store.read_json("factors/plan.json"))
+    conf = learn_settings(cfg, plan, store, resume=True, progress=False)
+    conf["max_steps"] = 12
+    train_worker(conf)
+    _, state, curve = _final_scores(tmp_path / "run")
+    assert [e["step"] for e in curve] == list(range(1, 13))
+    assert curve[:8] == curve8, "the resumed run keeps the history it resumed from"
+    assert state.step == 12 and latest_checkpoint(store) == "scores/step-000012.safetensors"

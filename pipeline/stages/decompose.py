@@ -37,7 +37,7 @@ def decompose_layer(source: ModelSource, store: Storage, plan: Plan, layers_name
         if device is not None:
             W, g, mu = (None if t is None else t.to(device) for t in (W, g, mu))
         with torch.device(device) if device else contextlib.nullcontext():  # identities etc. go there too
-            f = decompose(plan.method, W, g, mu, k=k, alpha=alpha)
+            f = decompose("svd-llm" if plan.method == "soco" else plan.method, W, g, mu, k=k, alpha=alpha)
         out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = (
             f.U.float().cpu().contiguous(), f.sigma.float().cpu().contiguous(), f.Vt.float().cpu().contiguous())
         damping[name] = f.damping

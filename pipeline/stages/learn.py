@@ -128,6 +128,9 @@ def train_worker(conf: dict[str, Any]) -> None:
     torch.manual_seed(conf["seed"])
     store, source = Storage(conf["run"]), ModelSource(conf["model"])
     model = build_scored_model(source, store)
+    if conf.get("activation_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF recomputes layers only in training mode (these models have no dropout)
     mods = scored_modules(model)
     names = list(mods)
     state, curve = None, []
@@ -193,7 +196,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         if sched.state.step % conf["checkpoint_every"] == 0:
             checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
     checkpoint(FINAL_SCORES)
-    zero.finish()
+    zero.finish(destroy=conf.get("launcher") == "ray")
 
 
 # --- driver: launch, select, fold -------------------------------------------------------
@@ -209,7 +212,7 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
             "schedule": {"budget_weight": s.budget_weight, "sparsity_weight": s.sparsity_weight,
                          "coarse_max_steps": s.coarse_max_steps, "refine_steps": s.refine_steps,
                          "sparsify_steps": s.sparsify_steps, "patience": s.patience},
-            "workers": workers}
+            "workers": workers, "launcher": s.launcher, "activation_checkpointing": s.activation_checkpointing}
 
 
 def budget_params(plan: Plan, ratio: float) -> int:
@@ -218,15 +221,22 @@ def budget_params(plan: Plan, ratio: float) -> int:
 
 
 def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch.dtype,
-              progress: bool = True) -> dict[str, Any]:
-    """Teacher cache -> ZeRO training (Ray Train workers, or in-process) -> selection -> fold."""
+              progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Teacher cache -> ZeRO training (Ray Train workers, or in-process) -> selection -> fold.
+
+    With `resume` (the stage was interrupted with the same inputs) training continues from
+    the last score checkpoint; otherwise earlier scores and teacher targets are discarded.
+    """
     t0 = time.perf_counter()
+    if not resume:
+        for rel in ("scores", "teacher", "learned"):
+            store.rm(rel)
     if not store.exists(TEACHER_FILE):
         cache_teacher(source, store, cfg.soco.topk, dtype)
     if cfg.data.calib_samples - cfg.soco.holdout_samples < 1:
         from ..errors import UserError
         raise UserError("soco.holdout_samples must leave at least one calibration window for training")
-    conf = learn_settings(cfg, plan, store, resume=True, progress=progress)
+    conf = learn_settings(cfg, plan, store, resume=resume, progress=progress)
     if cfg.soco.workers >= 1 and cfg.soco.launcher == "ray":
         from cluster import zero
         zero.launch(train_worker, conf, conf["workers"], cpus_per_worker=conf["threads"])
