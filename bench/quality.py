@@ -5,7 +5,7 @@ folder, so all of them share one calibration pass (same samples) and are evaluat
 same held-out windows. Writes bench/results/quality.{json,md}.
 
     .venv/bin/python bench/quality.py                 # SmolLM2, wiki, 0.2/0.4/0.6
-    .venv/bin/python bench/quality.py --ratios 0.4 --methods svd-llm
+    .venv/bin/python bench/quality.py --methods soco        # add/refresh only the soco rows
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--model", default="bundled:smollm2-135m")
     ap.add_argument("--data", default="bundled:wiki")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    ap.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm"])
+    ap.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm", "soco"])
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=32)
@@ -34,8 +34,12 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality"))
     a = ap.parse_args()
 
-    rows: dict[str, dict[float, dict]] = {}
-    dense = None
+    res = Path(a.results)
+    old = json.loads(res.with_suffix(".json").read_text()) if res.with_suffix(".json").exists() else {}
+    # rows of methods not re-run are kept (json turns the ratio keys into strings)
+    rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()}
+                                          for m, by in old.get("rows", {}).items() if m not in a.methods}
+    dense = old.get("dense_ppl")
     t0 = time.time()
     for ratio in a.ratios:
         for method in a.methods:
@@ -51,6 +55,8 @@ def main() -> None:
                 "ppl": r["perplexity"]["compressed"], "achieved_ratio": r["achieved_ratio"]["linear"],
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
                 "seconds": {k: v for k, v in r["timings_s"].items()}}
+            if method == "soco":
+                rows[method][ratio]["learn"] = soco_evidence(Path(a.workdir), Path(a.results).parent, ratio)
             print(f"{method:8s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}", flush=True)
     protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
                 f"{a.calib_samples} windows x {a.seq_len} tokens from the start of the first half; evaluation = "
@@ -58,11 +64,22 @@ def main() -> None:
                 f"every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); factorisation in float64, "
                 f"model in float32; calibration activations from the dense model")
     out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1)}
-    res = Path(a.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(out, indent=2))
     res.with_suffix(".md").write_text(render(out, a.ratios))
     print(render(out, a.ratios))
+
+
+def soco_evidence(run: Path, results: Path, ratio: float) -> dict:
+    """Steps, wall time and out-of-order share of a SoCo run; its plots are copied beside the table."""
+    import shutil
+    learn = json.loads((run / "learn.json").read_text())
+    dest = results / f"soco-r{ratio}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for png in (run / "plots").glob("*.png"):
+        shutil.copy(png, dest / png.name)
+    return {k: learn[k] for k in ("steps", "stage_boundaries", "train_seconds", "out_of_order_share",
+                                  "matrices_with_zero_out_of_order", "budget_params", "kept_params")}
 
 
 def fmt(x: float) -> str:
@@ -76,6 +93,20 @@ def render(out: dict, ratios: list[float]) -> str:
              "| dense | " + " | ".join(fmt(out["dense_ppl"]) for _ in ratios) + " |"]
     for method, by_ratio in out["rows"].items():
         lines.append(f"| {method} | " + " | ".join(fmt(by_ratio[r]["ppl"]) if r in by_ratio else "-" for r in ratios) + " |")
+    soco = out["rows"].get("soco")
+    if soco:
+        lines += ["", "| soco | " + " | ".join(f"r={r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for key, label in [("steps", "training steps"), ("train_seconds", "learn stage wall time (s)"),
+                           ("out_of_order_share", "kept components with a smaller sigma than a pruned one")]:
+            lines.append(f"| {label} | " + " | ".join(
+                (f"{soco[r]['learn'][key]:.3f}" if isinstance(soco[r]['learn'][key], float) and key != "train_seconds"
+                 else str(soco[r]["learn"][key])) if r in soco else "-" for r in ratios) + " |")
+        if "svd-llm" in out["rows"]:
+            import math as _m
+            d = out["dense_ppl"]
+            lines.append("| log(ppl_soco/dense) / log(ppl_svd-llm/dense) | " + " | ".join(
+                f"{_m.log(soco[r]['ppl'] / d) / _m.log(out['rows']['svd-llm'][r]['ppl'] / d):.3f}"
+                if r in soco and r in out["rows"]["svd-llm"] else "-" for r in ratios) + " |")
     any_method = next(iter(out["rows"].values()))
     lines += ["", "Decoder linear parameters: " + f"{any_method[ratios[0]]['linear_before'] / 1e6:.1f}M -> " +
               " / ".join(f"{any_method[r]['linear_after'] / 1e6:.1f}M" for r in ratios) +

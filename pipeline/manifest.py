@@ -24,7 +24,7 @@ STAGES = ("calibrate", "decompose", "learn", "assemble", "evaluate")
 def stage_keys(cfg: Config) -> dict[str, str]:
     d, c, r = cfg.data, cfg.compress, cfg.run
     parts: dict[str, Any] = {
-        "calibrate": [cfg.model, d.source, d.text_field, d.calib_samples, d.seq_len, r.dtype],
+        "calibrate": ["contract-2", cfg.model, d.source, d.text_field, d.calib_samples, d.seq_len, r.dtype],
         "decompose": [c.method, c.ratio, c.asvd_alpha, cfg.soco.coarse_ratio if c.method == "soco" else None],
         "learn": ({k: v for k, v in vars(cfg.soco).items() if k not in ("threads_per_worker", "launcher", "activation_checkpointing")}
                   if c.method == "soco" else None),

@@ -7,13 +7,14 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    target. Every gate is pushed down in proportion to its parameter cost while the KL
    keeps the useful ones. Switch to REFINE when the soft count reaches the target
    (excess <= tolerance), or after `coarse_max_steps` (then the final cut enforces it).
-2. REFINEMENT: sparsity off; budget = lambda * relu(excess) only holds the count at the
-   target while the scores learn to compensate (gates saturate at 1, so kept scores can
-   grow above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
+2. REFINEMENT: sparsity off; budget = lambda * |excess| holds the count at the target
+   from both sides (an overshoot below it revives the best partly-pruned components)
+   while the scores learn to compensate (gates saturate at 1, so kept scores can grow
+   above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
    held-out KL has not improved for `patience` evaluations.
 3. Fine-grained SPARSIFY: the gates' hardness ramps linearly from 0 to 1 over
-   `sparsify_steps` (towards exact 0/1 at threshold 0.5) with sparsity back on, so
-   borderline components are decided. Then DONE.
+   `sparsify_steps` (towards exact 0/1 at threshold 0.5), the budget still held from
+   both sides, so borderline components are decided. Then DONE.
 
 After DONE the caller keeps exactly the budget by a global ranking of the components
 (soco.allocate) and folds the scores into the factors.
@@ -36,7 +37,7 @@ class Stage(IntEnum):
 @dataclass
 class ScheduleConfig:
     budget_weight: float = 5.0  # lambda: weight of relu(soft/target - 1)
-    sparsity_weight: float = 0.5  # mu: weight of soft/target in stages 1 and 3
+    sparsity_weight: float = 0.5  # mu: weight of soft/target in stage 1
     tolerance: float = 0.0  # stage 1 ends when soft <= target * (1 + tolerance)
     coarse_max_steps: int = 200
     refine_steps: int = 60
@@ -84,8 +85,11 @@ class ThreeStageSchedule:
     def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(budget term, sparsity term) for this stage."""
         excess = soft / target - 1.0
-        budget = self.cfg.budget_weight * torch.relu(excess)
-        if self.stage in (Stage.COARSE, Stage.SPARSIFY):
+        if self.stage == Stage.COARSE:
+            budget = self.cfg.budget_weight * torch.relu(excess)
+        else:
+            budget = self.cfg.budget_weight * excess.abs()
+        if self.stage == Stage.COARSE:
             sparsity = self.cfg.sparsity_weight * soft / target
         else:
             sparsity = soft.new_zeros(())

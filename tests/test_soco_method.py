@@ -97,9 +97,11 @@ def test_schedule_penalties_by_stage():
     soft = torch.tensor(110.0)
     b, sp = s.penalty(soft, 100.0)
     assert float(b) == pytest.approx(0.2) and float(sp) == pytest.approx(0.55)
+    b, sp = s.penalty(torch.tensor(90.0), 100.0)
+    assert float(b) == 0.0  # coarse: only an excess is penalised
     s.state.stage = Stage.REFINE
     b, sp = s.penalty(torch.tensor(90.0), 100.0)
-    assert float(b) == 0.0 and float(sp) == 0.0  # under budget and no sparsity while refining
+    assert float(b) == pytest.approx(0.2) and float(sp) == 0.0  # held from both sides, no sparsity
 
 
 def test_global_selection_keeps_exactly_the_budget():
