@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/pip"
+# Also apply the pins inside pip's build-isolation environments (a package whose build
+# asked for an unpinned torch would otherwise fetch a CUDA build there).
+export PIP_CONSTRAINT="$PWD/constraints.txt"
 $PIP install -q --upgrade pip >/dev/null
 $PIP install -q -c constraints.txt "torch==2.13.0"
 # DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its ops are JIT-compiled on first use).
