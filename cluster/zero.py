@@ -33,8 +33,8 @@ def ds_config(zero_stage: int, micro_batch: int, world_size: int) -> dict[str, A
     }
 
 
-def engine(model: nn.Module, params: list[nn.Parameter], lr: float, zero_stage: int, micro_batch: int):
-    """A DeepSpeed engine over `model` optimising `params` with Adam (torch's)."""
+def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int, micro_batch: int):
+    """A DeepSpeed engine over `model` optimising the param groups ({"params", "lr"}) with torch's Adam."""
     import deepspeed
     import torch.distributed as dist
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -46,7 +46,7 @@ def engine(model: nn.Module, params: list[nn.Parameter], lr: float, zero_stage: 
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(param_groups)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(zero_stage, micro_batch, world),
                                         dist_init_required=False)
     return eng

@@ -47,18 +47,20 @@ class SocoConfig:
     """SoCo's learned spectrum (used when compress.method is `soco`); see soco/schedule.py."""
 
     coarse_ratio: float = -1.0  # ratio of the svd-llm pre-truncation; < 0 means compress.ratio / 2
-    lr: float = 0.05  # Adam learning rate of the scores
+    lr: float = 0.1  # Adam learning rate of the scores
+    channel_scales: bool = False  # also train a scale per input and output channel of each matrix
+    scale_lr: float = 0.01  # Adam learning rate of the channel scales
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
     max_steps: int = 300  # hard cap over all three stages
     coarse_max_steps: int = 200
-    refine_steps: int = 60
-    sparsify_steps: int = 20
-    patience: int = 3
+    refine_steps: int = 30
+    sparsify_steps: int = 10
+    patience: int = 2
     budget_weight: float = 5.0
     sparsity_weight: float = 0.5
-    eval_every: int = 10  # steps between held-out KL evaluations
+    eval_every: int = 5  # steps between held-out KL evaluations
     checkpoint_every: int = 20  # steps between score checkpoints
     min_rank_fraction: float = 0.1  # every matrix keeps at least this share of its uniform rank
     zero_stage: int = 3  # DeepSpeed ZeRO stage: 2 or 3

@@ -45,7 +45,8 @@ def on_factor(s: torch.Tensor, hardness: float, threshold: float) -> torch.Tenso
 
 
 class ScoredLinear(nn.Module):
-    """y = ((x Vt^T) * (s * sigma * on * mask)) U^T (+ b), with only `score` trainable.
+    """y = out * (((in * x) Vt^T) * (s * sigma * on * mask)) U^T (+ b); `score` trains, and the
+    channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on.
 
     `mask` (a buffer) marks components already removed; they neither contribute to the
     output nor to the parameter count. `on` is 1 until the sparsification stage hardens it.
@@ -60,6 +61,10 @@ class ScoredLinear(nn.Module):
         self.Vt = nn.Parameter(Vt.contiguous(), requires_grad=False)
         self.bias = nn.Parameter(bias.contiguous(), requires_grad=False) if bias is not None else None
         self.score = nn.Parameter(torch.ones(self.rank, dtype=U.dtype))
+        # Optional diagonal corrections of the input and output channels (n + m numbers, trained
+        # only when enabled): they fold into V' and U, so the stored format does not change.
+        self.in_scale = nn.Parameter(torch.ones(self.in_features, dtype=U.dtype), requires_grad=False)
+        self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
         self.hardness, self.threshold = 0.0, 0.5
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
@@ -79,16 +84,17 @@ class ScoredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
-        h = torch.nn.functional.linear(x, self.Vt)
+        h = torch.nn.functional.linear(x * self.in_scale, self.Vt)
         h = h * self.multiplier()
-        return torch.nn.functional.linear(h, self.U, self.bias)
+        y = torch.nn.functional.linear(h, self.U) * self.out_scale
+        return y if self.bias is None else y + self.bias
 
     def folded(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(up, down) of the kept components with s*sigma folded in: up @ down == U diag(s sigma) Vt."""
         w = self.multiplier().detach()[keep]
         root = w.abs().sqrt()
-        up = self.U.detach()[:, keep] * (root * torch.sign(w))[None, :]
-        down = root[:, None] * self.Vt.detach()[keep]
+        up = self.out_scale.detach()[:, None] * self.U.detach()[:, keep] * (root * torch.sign(w))[None, :]
+        down = root[:, None] * self.Vt.detach()[keep] * self.in_scale.detach()[None, :]
         return up.contiguous(), down.contiguous()
 
 

@@ -93,17 +93,25 @@ def latest_checkpoint(store: Storage) -> str | None:
     return f"scores/{steps[-1]}" if steps else None
 
 
-def save_scores(store: Storage, rel: str, scores: dict[str, torch.Tensor], state: ScheduleState,
+TRAINED_PARTS = ("score", "in_scale", "out_scale")
+
+
+def save_scores(store: Storage, rel: str, tensors: dict[str, torch.Tensor], state: ScheduleState,
                 curve: list[dict]) -> None:
-    store.save_tensors(rel, {f"{n}.score": v for n, v in scores.items()},
-                       {"state": json.dumps(state.to_dict()), "curve": json.dumps(curve)})
+    """A score checkpoint: trained tensors as `<module>.score` (and `.in_scale`/`.out_scale`)."""
+    store.save_tensors(rel, tensors, {"state": json.dumps(state.to_dict()), "curve": json.dumps(curve)})
 
 
 def load_scores(store: Storage, rel: str) -> tuple[dict[str, torch.Tensor], ScheduleState, list[dict]]:
     t = store.load_tensors(rel)
     meta = store.tensor_metadata(rel)
-    return ({k[: -len(".score")]: v for k, v in t.items()}, ScheduleState.from_dict(json.loads(meta["state"])),
-            json.loads(meta["curve"]))
+    return t, ScheduleState.from_dict(json.loads(meta["state"])), json.loads(meta["curve"])
+
+
+def trained_tensors(mods: dict[str, ScoredLinear], scales: bool) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the scored modules by checkpoint name."""
+    parts = TRAINED_PARTS if scales else TRAINED_PARTS[:1]
+    return {f"{n}.{p}": getattr(m, p) for n, m in mods.items() for p in parts}
 
 
 # --- the per-worker training loop -------------------------------------------------------
@@ -132,17 +140,22 @@ def train_worker(conf: dict[str, Any]) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF recomputes layers only in training mode (these models have no dropout)
     mods = scored_modules(model)
-    names = list(mods)
     state, curve = None, []
     ckpt = latest_checkpoint(store) if conf["resume"] else None
+    trained = trained_tensors(mods, conf["channel_scales"])
+    for p in trained.values():
+        p.requires_grad_(True)
     if ckpt is not None:
-        scores, state, curve = load_scores(store, ckpt)
+        saved, state, curve = load_scores(store, ckpt)
         with torch.no_grad():
-            for n, v in scores.items():
-                mods[n].score.copy_(v)
+            for key, v in saved.items():
+                trained[key].copy_(v)
     sched = ThreeStageSchedule(ScheduleConfig(**conf["schedule"]), state)
     objective = SoCoObjective(model)
-    eng = zero.engine(objective, [mods[n].score for n in names], conf["lr"], conf["zero_stage"],
+    groups = [{"params": [p for k, p in trained.items() if k.endswith(".score")], "lr": conf["lr"]}]
+    if conf["channel_scales"]:
+        groups.append({"params": [p for k, p in trained.items() if not k.endswith(".score")], "lr": conf["scale_lr"]})
+    eng = zero.engine(objective, groups, conf["zero_stage"],
                       conf["batch_size"] // (dist.get_world_size() if dist.is_initialized() else 1))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -164,8 +177,8 @@ def train_worker(conf: dict[str, Any]) -> None:
         return float(t) / world
 
     def checkpoint(rel: str) -> None:
-        with zero.gathered([mods[n].score for n in names]):
-            values = {n: mods[n].score.detach().clone() for n in names}
+        with zero.gathered(list(trained.values())):
+            values = {k: p.detach().clone() for k, p in trained.items()}
         if rank == 0:
             save_scores(store, rel, values, sched.state, curve)
 
@@ -212,7 +225,7 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
             "schedule": {"budget_weight": s.budget_weight, "sparsity_weight": s.sparsity_weight,
                          "coarse_max_steps": s.coarse_max_steps, "refine_steps": s.refine_steps,
                          "sparsify_steps": s.sparsify_steps, "patience": s.patience},
-            "workers": workers, "launcher": s.launcher, "activation_checkpointing": s.activation_checkpointing}
+            "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr, "activation_checkpointing": s.activation_checkpointing}
 
 
 def budget_params(plan: Plan, ratio: float) -> int:
@@ -255,7 +268,8 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
              layers_name: str, n_layers: int) -> dict[str, Any]:
     """Global selection under the exact budget, folding, learned/ files, plan.json, plots."""
     from soco.ranks import uniform_rank
-    scores, state, curve = load_scores(store, FINAL_SCORES)
+    saved, state, curve = load_scores(store, FINAL_SCORES)
+    scores = {k[: -len(".score")]: v for k, v in saved.items() if k.endswith(".score")}
     budget = budget_params(plan, ratio)
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
     importance = {n: scores[n].abs() for n in plan.ranks}
@@ -272,10 +286,12 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
                 mod.score.copy_(scores[full])
             k = keep[full]  # the kept components carry s * sigma: hard-on ones exactly as trained
             w = mod.multiplier().detach()[k]
-            # fold s * sigma; the sign goes into U so that sigma stays a magnitude
-            out[f"{name}.U"] = (f["U"][:, k] * torch.sign(w)[None, :]).contiguous()
+            in_s = saved.get(f"{full}.in_scale", torch.ones(f["Vt"].shape[1]))
+            out_s = saved.get(f"{full}.out_scale", torch.ones(f["U"].shape[0]))
+            # fold s * sigma (its sign into U, so that sigma stays a magnitude) and the channel scales
+            out[f"{name}.U"] = (out_s[:, None] * f["U"][:, k] * torch.sign(w)[None, :]).contiguous()
             out[f"{name}.sigma"] = w.abs().contiguous()
-            out[f"{name}.Vt"] = f["Vt"][k].contiguous()
+            out[f"{name}.Vt"] = (f["Vt"][k] * in_s[None, :]).contiguous()
             shares[full] = out_of_order_share(f["sigma"], k)
             final_ranks[full] = int(k.numel())
         store.save_tensors(learned_file(i), out, {"method": "soco"})
