@@ -58,6 +58,8 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
     for m in scored_modules(model).values():
         with torch.no_grad():
             m.score.copy_(torch.rand(m.rank, generator=g) * 2.0)
+            m.in_scale.copy_(0.5 + torch.rand(m.in_features, generator=g))  # trained channel scales fold too
+            m.out_scale.copy_(0.5 + torch.rand(m.out_features, generator=g))
     set_hardness(model, 1.0)
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
     with torch.no_grad():
