@@ -72,6 +72,27 @@ def _init_worker(ctx: dict[str, Any] | None = None) -> None:
         os.environ.update(ctx["env"])
 
 
+def _trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise).
+
+    Without this a worker's resident memory grows with every layer it handles: each result
+    Ray serialises leaves tens of MB of freed but retained heap (measured: a calibration
+    actor went from 0.4 to 1.7 GB over 120 layers; with it, it stays flat).
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -112,6 +133,7 @@ def decompose_task(ctx: dict, location: str, run_url: str, plan_rel: str, layers
     plan = Plan.from_json(store.read_json(plan_rel))
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else None
     decompose_layer(_source(location), store, plan, layers_name, i, alpha, device=device)
+    _trim()
     return {"layer": i, "seconds": time.perf_counter() - t0, "pid": os.getpid(), "peak_rss_mb": _peak_rss_mb(),
             "device": device or "cpu"}
 
@@ -144,6 +166,7 @@ class LayerWorker:
     def calibrate(self, i: int) -> dict:
         """Run layer i on this share with InputStats hooks; return the raw sums."""
         from pipeline.stages.calibrate import InputStats
+        _trim()  # the previous layer's result, serialised by Ray, left its buffers behind
         with self.lw.layer(i) as layer:
             stats = InputStats(layer)
             try:
@@ -155,6 +178,7 @@ class LayerWorker:
     def save_stats(self, run_url: str, i: int, *parts: dict) -> dict:
         """Sum the shares' statistics of layer i (in share order) and commit its calib file."""
         from pipeline.stages.calibrate import InputStats, calib_file
+        _trim()
         merged = InputStats.__new__(InputStats)  # the sums only, no hooks
         merged.gram, merged.abs_sum, merged.rows, merged.alias = {}, {}, {}, {}
         for p in parts:
@@ -173,6 +197,7 @@ class LayerWorker:
         return self._stamp({"layer": i})
 
     def forward(self, i: int) -> None:
+        _trim()
         with self.lw.layer(i) as layer:
             self.batches = self.lw.run_layer(layer, self.batches)
 
@@ -195,6 +220,7 @@ class LayerWorker:
         """Drop the model and the hidden states; the process (and its imports) stays for the next stage."""
         self.lw = self.batches = self.windows = None
         gc.collect()
+        _trim()
         return self._stamp({})
 
     def _stamp(self, d: dict) -> dict:
@@ -229,7 +255,10 @@ def shard_task(ctx: dict, location: str, run_url: str, dtype_name: str, entries:
         else:
             out[e[1]] = modules[(e[2], e[3])][e[5]]
     Storage(out_url).save_tensors(fname, out, {"format": "pt"})
-    return {"file": fname, "tensors": len(out), "pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
+    n = len(out)
+    del out, tensors, modules, factors
+    _trim()
+    return {"file": fname, "tensors": n, "pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
 
 
 @ray.remote
