@@ -47,7 +47,8 @@ class SocoConfig:
     """SoCo's learned spectrum (used when compress.method is `soco`); see soco/schedule.py."""
 
     coarse_ratio: float = -1.0  # ratio of the svd-llm pre-truncation; < 0 means compress.ratio / 2
-    lr: float = 0.1  # Adam learning rate of the scores
+    lr: float = 0.05  # Adam learning rate of the scores in the coarse stage
+    refine_lr_factor: float = 0.4  # the learning rates are multiplied by this after the coarse stage
     channel_scales: bool = False  # also train a scale per input and output channel of each matrix
     scale_lr: float = 0.01  # Adam learning rate of the channel scales
     batch_size: int = 2  # calibration windows per step (split across workers)

@@ -13,8 +13,10 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
    held-out KL has not improved for `patience` evaluations.
 3. Fine-grained SPARSIFY: the gates' hardness ramps linearly from 0 to 1 over
-   `sparsify_steps` (towards exact 0/1 at threshold 0.5), the budget still held from
-   both sides, so borderline components are decided. Then DONE.
+   `sparsify_steps` towards exact 0/1, the threshold being the |score| at which a global
+   ranking fills the budget (soco.allocate.budget_threshold): at the end the network
+   trained is exactly the one the final cut keeps, and the hard count equals the budget.
+   Then DONE.
 
 After DONE the caller keeps exactly the budget by a global ranking of the components
 (soco.allocate) and folds the scores into the factors.

@@ -27,7 +27,7 @@ def gate(s: torch.Tensor, hardness: float = 0.0, threshold: float = 0.5) -> torc
     g = soft_gate(s)
     if hardness <= 0:
         return g
-    hard = (g >= threshold).to(g.dtype)
+    hard = (s.abs() >= threshold).to(g.dtype)
     hard = g + (hard - g).detach()  # value of the step, gradient of the soft gate
     return (1 - hardness) * g + hardness * hard
 
@@ -39,7 +39,7 @@ def on_factor(s: torch.Tensor, hardness: float, threshold: float) -> torch.Tenso
     a straight-through gradient so an off component can still come back."""
     if hardness <= 0:
         return torch.ones_like(s)
-    step = (soft_gate(s) >= threshold).to(s.dtype)
+    step = (s.abs() >= threshold).to(s.dtype)
     step = step + (soft_gate(s) - soft_gate(s).detach())  # value of the step, gradient of the gate
     return (1 - hardness) + hardness * step
 
@@ -112,7 +112,7 @@ def exact_count(model: nn.Module, threshold: float = 0.5) -> int:
     """Parameters of the components whose gate is on (>= threshold) and not masked."""
     total = 0
     for m in scored_modules(model).values():
-        on = (soft_gate(m.score.detach()) >= threshold) & (m.mask > 0)
+        on = (m.score.detach().abs() >= threshold) & (m.mask > 0)
         total += int(on.sum()) * m.cost
     return total
 

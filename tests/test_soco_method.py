@@ -125,3 +125,13 @@ def test_topk_kl_is_exact_kl_when_k_covers_the_vocabulary():
                                       reduction="none").sum(-1).mean()
     assert float(topk_kl(s, logp, idx)) == pytest.approx(float(full), abs=1e-5)
     assert float(topk_kl(t, *teacher_topk(t, 4))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_budget_threshold_is_the_final_cut():
+    from soco.allocate import budget_threshold
+    imp = {"a": torch.tensor([0.9, 0.3, 1.7, 0.6]), "b": torch.tensor([1.1, 0.2, 0.7])}
+    costs = {"a": 10, "b": 7}
+    t = budget_threshold(list(imp.values()), list(costs.values()), 40)
+    keep = select_components(imp, costs, 40)
+    kept_by_t = {n: torch.nonzero(v >= t).flatten().tolist() for n, v in imp.items()}
+    assert {n: v.tolist() for n, v in keep.items()} == kept_by_t

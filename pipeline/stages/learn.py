@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cluster.storage import Storage
-from soco.allocate import out_of_order_share, select_components
+from soco.allocate import budget_threshold, out_of_order_share, select_components
 from soco.objective import SoCoObjective, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import ScoredLinear, scored_modules, set_hardness
@@ -157,6 +157,9 @@ def train_worker(conf: dict[str, Any]) -> None:
         groups.append({"params": [p for k, p in trained.items() if not k.endswith(".score")], "lr": conf["scale_lr"]})
     eng = zero.engine(objective, groups, conf["zero_stage"],
                       conf["batch_size"] // (dist.get_world_size() if dist.is_initialized() else 1))
+    base_lrs = [g["lr"] for g in groups]
+    score_params = [m.score for m in mods.values()]
+    costs = [m.cost for m in mods.values()]
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     windows = store.load_tensors(WINDOWS_FILE)["windows"]
@@ -185,7 +188,14 @@ def train_worker(conf: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     while sched.stage != Stage.DONE and sched.state.step < conf["max_steps"]:
         step = sched.state.step
-        set_hardness(model, sched.hardness())
+        threshold = 0.5
+        if sched.stage == Stage.SPARSIFY:  # harden towards exactly the components the final cut keeps
+            with zero.gathered(score_params):
+                threshold = budget_threshold([p.detach().abs() for p in score_params], costs, int(target))
+        set_hardness(model, sched.hardness(), threshold)
+        factor = 1.0 if sched.stage == Stage.COARSE else conf["refine_lr_factor"]
+        for group, base in zip(eng.optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
         ids = batch_indices(step, conf["batch_size"], n_train, conf["seed"])[rank::world]
         kl, soft = run([train_ids[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
@@ -225,7 +235,8 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
             "schedule": {"budget_weight": s.budget_weight, "sparsity_weight": s.sparsity_weight,
                          "coarse_max_steps": s.coarse_max_steps, "refine_steps": s.refine_steps,
                          "sparsify_steps": s.sparsify_steps, "patience": s.patience},
-            "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr, "activation_checkpointing": s.activation_checkpointing}
+            "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr,
+            "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing}
 
 
 def budget_params(plan: Plan, ratio: float) -> int:
