@@ -66,6 +66,7 @@ def plot_learning(store, curve: list[dict], boundaries: list[int], scores: dict[
         ax.set_ylabel("|score|")
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("component index (by singular value, largest first)")
+    fig.tight_layout()
     _save(store, "plots/scores.png", fig)
 
     # 3. ranks allocated per layer and projection
