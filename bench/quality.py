@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--launcher", default="ray", choices=["ray", "local"],
+                    help="soco's learn stage: Ray Train workers, or one rank in this process")
+    ap.add_argument("--no-ray", action="store_true", help="run the other stages in this process, not as Ray tasks")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "quality-run"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality"))
     a = ap.parse_args()
@@ -47,6 +50,8 @@ def main() -> None:
                              "data": {"source": a.data, "calib_samples": a.calib_samples, "seq_len": a.seq_len,
                                       "eval_samples": a.eval_samples},
                              "compress": {"method": method, "ratio": ratio},
+                             "soco": {"launcher": a.launcher},
+                             "ray": {"enabled": not a.no_ray},
                              "run": {"eval_dense": dense is None}})
             r = compress(cfg, progress=False)
             if dense is None:
@@ -58,11 +63,13 @@ def main() -> None:
             if method == "soco":
                 rows[method][ratio]["learn"] = soco_evidence(Path(a.workdir), Path(a.results).parent, ratio)
             print(f"{method:8s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}", flush=True)
+    launch = (f"; soco's learn stage: DeepSpeed ZeRO-3, one rank, "
+              f"{'Ray Train TorchTrainer' if a.launcher == 'ray' else 'in-process'}" if "soco" in a.methods else "")
     protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
                 f"{a.calib_samples} windows x {a.seq_len} tokens from the start of the first half; evaluation = "
                 f"the first {a.eval_samples} non-overlapping windows of {a.seq_len} tokens of the second half; "
                 f"every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); factorisation in float64, "
-                f"model in float32; calibration activations from the dense model")
+                f"model in float32; calibration activations from the dense model{launch}")
     out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1)}
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(out, indent=2))

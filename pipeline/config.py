@@ -57,7 +57,8 @@ class SocoConfig:
     max_steps: int = 300  # hard cap over all three stages
     coarse_max_steps: int = 200
     refine_steps: int = 30
-    sparsify_steps: int = 10
+    sparsify_steps: int = 30
+    sparsify_ramp: int = 10  # of which the first ones ramp the gates to hard 0/1
     patience: int = 2
     budget_weight: float = 5.0
     sparsity_weight: float = 0.5

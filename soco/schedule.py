@@ -13,7 +13,8 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
    held-out KL has not improved for `patience` evaluations.
 3. Fine-grained SPARSIFY: the gates' hardness ramps linearly from 0 to 1 over
-   `sparsify_steps` towards exact 0/1, the threshold being the |score| at which a global
+   `sparsify_ramp` steps towards exact 0/1 (the remaining `sparsify_steps` train the
+   hard network, so the kept scores compensate for exactly what is cut), the threshold being the |score| at which a global
    ranking fills the budget (soco.allocate.budget_threshold): at the end the network
    trained is exactly the one the final cut keeps, and the hard count equals the budget.
    Then DONE.
@@ -43,7 +44,8 @@ class ScheduleConfig:
     tolerance: float = 0.0  # stage 1 ends when soft <= target * (1 + tolerance)
     coarse_max_steps: int = 200
     refine_steps: int = 60
-    sparsify_steps: int = 20
+    sparsify_steps: int = 30
+    sparsify_ramp: int = 10  # steps over which hardness goes 0 -> 1; the rest train the hard network
     patience: int = 3  # held-out evaluations without improvement that end refinement early
 
 
@@ -81,7 +83,7 @@ class ThreeStageSchedule:
 
     def hardness(self) -> float:
         if self.stage == Stage.SPARSIFY:
-            return min(1.0, (self.state.step - self.state.stage_start + 1) / max(1, self.cfg.sparsify_steps))
+            return min(1.0, (self.state.step - self.state.stage_start + 1) / max(1, self.cfg.sparsify_ramp))
         return 1.0 if self.stage == Stage.DONE else 0.0
 
     def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:

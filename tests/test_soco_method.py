@@ -73,7 +73,7 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
 
 
 def test_schedule_switching_rules():
-    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=2, patience=2)
+    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=2, sparsify_ramp=2, patience=2)
     s = ThreeStageSchedule(cfg)
     assert s.after_step(soft_count=120.0, target=100.0) == Stage.COARSE
     assert s.after_step(soft_count=100.0, target=100.0) == Stage.REFINE  # reached the budget

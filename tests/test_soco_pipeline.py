@@ -10,7 +10,7 @@ from pipeline import compress
 from pipeline.config import from_dict
 
 SOCO_TINY = {"lr": 0.05, "batch_size": 2, "holdout_samples": 4, "topk": 16, "refine_steps": 6,
-             "sparsify_steps": 4, "coarse_max_steps": 30, "eval_every": 3, "checkpoint_every": 5,
+             "sparsify_steps": 4, "sparsify_ramp": 2, "coarse_max_steps": 30, "eval_every": 3, "checkpoint_every": 5,
              "launcher": "local"}
 
 
@@ -49,7 +49,7 @@ def test_zero3_two_ranks_match_one_rank(tmp_path, tiny_llama, text_file):
     """Ray Train launches the DeepSpeed ZeRO-3 learn stage on 2 gloo ranks (the frozen factors
     partitioned between them); the result matches a 1-rank run of the same global batch."""
     knobs = {"launcher": "ray", "zero_stage": 3, "max_steps": 6, "coarse_max_steps": 3, "refine_steps": 2,
-             "sparsify_steps": 1, "eval_every": 100}
+             "sparsify_steps": 1, "sparsify_ramp": 1, "eval_every": 100}
     one = compress(soco_config(tiny_llama, tmp_path / "one", text_file, workers=1, **knobs), progress=False)
     two = compress(soco_config(tiny_llama, tmp_path / "two", text_file, workers=2, **knobs), progress=False)
     s1, st1, c1 = _final_scores(tmp_path / "one")

@@ -234,7 +234,8 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
             "target": float(budget_params(plan, cfg.compress.ratio)), "resume": resume, "progress": progress,
             "schedule": {"budget_weight": s.budget_weight, "sparsity_weight": s.sparsity_weight,
                          "coarse_max_steps": s.coarse_max_steps, "refine_steps": s.refine_steps,
-                         "sparsify_steps": s.sparsify_steps, "patience": s.patience},
+                         "sparsify_steps": s.sparsify_steps, "sparsify_ramp": s.sparsify_ramp,
+                         "patience": s.patience},
             "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr,
             "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing}
 
