@@ -77,6 +77,9 @@ def ensure_ray(rc) -> None:
             raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
         _CONNECTED = address
         return
+    # Ray runs its workers at niceness +15 by default; on a shared machine any other job would
+    # then starve this run's stages, which in-process would have run at the caller's priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if rc.object_store_mb and rc.object_store_mb < 75:
         raise UserError(f"ray.object_store_mb must be at least 75, got {rc.object_store_mb}")
     ray.init(address="local", num_cpus=n_cpus, include_dashboard=False,
