@@ -102,10 +102,12 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
     previous = {k: dict(v) for k, v in man.stages.items()}  # stage entries before this invocation
     try:
         timings = {"load": round(load_s, 3)}
+        resumed: list[str] = []
         stale = False
         for stage in STAGES:
             if not stale and man.done(stage):
                 timings[stage] = 0.0
+                resumed.append(stage)
                 continue
             if not stale:
                 man.invalidate_from(stage)
@@ -149,7 +151,7 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
             timings[stage] = man.stages[stage]["seconds"]
         report = store.read_json("report.json")
         report["timings_s"] = {"load": timings["load"]} | {s: man.stages[s]["seconds"] for s in STAGES}
-        report["resumed_stages"] = [s for s in STAGES if timings[s] == 0.0]
+        report["resumed_stages"] = resumed
         write_report(store, report)
         man.set_status("done")
         return report
