@@ -167,12 +167,8 @@ def _job_main(payload: str) -> int:
     except UserError as e:
         print(f"soco: error: {e}", file=sys.stderr)
         return 2
-    ppl = report["perplexity"]
-    print(f"checkpoint: {report['checkpoint']}")
-    print(f"perplexity: compressed {ppl['compressed']:.3f}"
-          + (f", dense {ppl['dense']:.3f}" if ppl.get("dense") is not None else ""))
-    print(f"removed: {report['achieved_ratio']['linear']:.4f} of decoder linear parameters")
-    print(f"report: {cfg.output.rstrip('/')}/report.md")
+    from pipeline.cli import print_summary
+    print_summary(report, cfg.output)
     print("stage seconds: " + json.dumps(report["timings_s"]), flush=True)
     return 0
 

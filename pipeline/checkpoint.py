@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from cluster.storage import Storage, fetch_to_cache, is_local
+from cluster.storage import Storage
 from soco.decompose import Factors
 from soco.lowrank import LowRankLinear
 
@@ -171,4 +171,4 @@ def load_compressed(path: str, dtype: str | torch.dtype | None = None,
     return model
 
 
-__all__ = ["load_compressed", "write_checkpoint", "compressed_skeleton", "ShardWriter", "is_local", "fetch_to_cache"]
+__all__ = ["load_compressed", "write_checkpoint", "compressed_skeleton", "ShardWriter"]

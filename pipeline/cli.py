@@ -45,13 +45,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.address:
         cfg.ray.address = args.address
     report = compress(cfg, progress=not args.quiet)
+    print_summary(report, cfg.output)
+    return 0
+
+
+def print_summary(report: dict, output: str) -> None:
+    """The lines a finished compression prints (the CLI and a Ray Job's driver alike)."""
     ppl = report["perplexity"]
     print(f"checkpoint: {report['checkpoint']}")
     print(f"perplexity: compressed {ppl['compressed']:.3f}"
           + (f", dense {ppl['dense']:.3f}" if ppl.get("dense") is not None else ""))
     print(f"removed: {report['achieved_ratio']['linear']:.4f} of decoder linear parameters")
-    print(f"report: {cfg.output.rstrip('/')}/report.md")
-    return 0
+    print(f"report: {output.rstrip('/')}/report.md")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

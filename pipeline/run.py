@@ -52,16 +52,6 @@ def full_plan(model) -> Plan:
     return Plan("svd-llm", 0.0, {n: min(s) for n, s in shapes.items()}, shapes)
 
 
-def load_layer_learned(store: Storage, i: int):
-    from .stages.learn import learned_file
-    t = store.load_tensors(learned_file(i))
-    out: dict = {}
-    for key, v in t.items():
-        name, part = key.rsplit(".", 1)
-        out.setdefault(name, {})[part] = v
-    return out
-
-
 def set_threads(n: int) -> None:
     torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
 
@@ -137,6 +127,7 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
                     store.write_json("plan.json", store.read_json(COARSE_PLAN))
             elif stage == "assemble":
                 final = Plan.from_json(store.read_json("plan.json"))
+                from .stages.learn import load_layer_learned
                 load = load_layer_learned if cfg.compress.method == "soco" else load_layer_factors
                 meta = {"method": cfg.compress.method, "ratio": final.ratio, "ranks": final.ranks}
                 if cfg.ray.enabled:  # one Ray task per shard

@@ -44,14 +44,18 @@ def decompose_layer(source: ModelSource, store: Storage, plan: Plan, layers_name
     store.save_tensors(factors_file(i), out, {"method": plan.method, "damping": json.dumps(damping)})
 
 
-def load_layer_factors(store: Storage, i: int) -> dict[str, dict[str, torch.Tensor]]:
-    """{linear: {"U", "sigma", "Vt"}} for layer i."""
-    t = store.load_tensors(factors_file(i))
+def load_factor_file(store: Storage, rel: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{linear: {"U", "sigma", "Vt"}} from a file in the factors contract (factors/ or learned/)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in t.items():
+    for key, v in store.load_tensors(rel).items():
         name, part = key.rsplit(".", 1)
         out.setdefault(name, {})[part] = v
     return out
+
+
+def load_layer_factors(store: Storage, i: int) -> dict[str, dict[str, torch.Tensor]]:
+    """{linear: {"U", "sigma", "Vt"}} for layer i."""
+    return load_factor_file(store, factors_file(i))
 
 
 def run_decompose(source: ModelSource, store: Storage, plan: Plan, layers_name: str, n_layers: int,

@@ -33,7 +33,7 @@ from ..layerwise import Batch, LayerwiseModel
 from ..model_io import ModelSource, build_skeleton, find_layers, materialise
 from ..plan import Plan
 from .calibrate import FINAL_HIDDEN_FILE, WINDOWS_FILE
-from .decompose import factors_file, load_layer_factors
+from .decompose import load_factor_file, load_layer_factors
 
 TEACHER_FILE = "teacher/topk.safetensors"
 FINAL_SCORES = "scores/final.safetensors"
@@ -41,6 +41,11 @@ FINAL_SCORES = "scores/final.safetensors"
 
 def learned_file(i: int) -> str:
     return f"learned/layer-{i:05d}.safetensors"
+
+
+def load_layer_learned(store: Storage, i: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Layer i's kept components with the scores folded in, in the factors contract."""
+    return load_factor_file(store, learned_file(i))
 
 
 # --- teacher cache -----------------------------------------------------------------
@@ -293,11 +298,8 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
         out = {}
         for name, f in factors.items():
             full = f"{layers_name}.{i}.{name}"
-            mod = ScoredLinear(f["U"], f["sigma"], f["Vt"])
-            with torch.no_grad():
-                mod.score.copy_(scores[full])
             k = keep[full]  # the kept components carry s * sigma: hard-on ones exactly as trained
-            w = mod.multiplier().detach()[k]
+            w = (scores[full] * f["sigma"])[k]
             in_s = saved.get(f"{full}.in_scale", torch.ones(f["Vt"].shape[1]))
             out_s = saved.get(f"{full}.out_scale", torch.ones(f["U"].shape[0]))
             # fold s * sigma (its sign into U, so that sigma stays a magnitude) and the channel scales
