@@ -6,7 +6,6 @@ derived from the model's shapes (docs/scaling.md explains each line).
 from __future__ import annotations
 
 import argparse
-import math
 
 from soco.ranks import uniform_rank
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 
 from cluster.storage import Storage
 from soco.allocate import budget_threshold, out_of_order_share, select_components
-from soco.objective import SoCoObjective, teacher_topk, topk_kl
+from soco.objective import SoCoObjective, teacher_topk
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import ScoredLinear, scored_modules, set_hardness
 
