@@ -121,8 +121,8 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
                     from .stages.learn import run_learn
                     prev = previous.get("learn") or {}
                     resume = prev.get("key") == man.keys["learn"]  # same inputs, interrupted: go on
-                    run_learn(cfg, source, store, Plan.from_json(store.read_json(COARSE_PLAN)), dtype, progress,
-                              resume=resume)
+                    run_learn(cfg, source, store, Plan.from_json(store.read_json(COARSE_PLAN)), dtype, layers_name,
+                              len(layers), progress, resume=resume)
                 else:  # the baselines keep the decomposition's uniform ranks
                     store.write_json("plan.json", store.read_json(COARSE_PLAN))
             elif stage == "assemble":

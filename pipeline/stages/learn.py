@@ -249,8 +249,8 @@ def budget_params(plan: Plan, ratio: float) -> int:
     return math.floor((1 - ratio) * plan.dense_params())
 
 
-def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch.dtype,
-              progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch.dtype, layers_name: str,
+              n_layers: int, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Teacher cache -> ZeRO training (Ray Train workers, or in-process) -> selection -> fold.
 
     With `resume` (the stage was interrupted with the same inputs) training continues from
@@ -276,8 +276,7 @@ def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch
     else:
         train_worker(conf)
     train_s = time.perf_counter() - t0
-    layers_name, layers = find_layers(build_skeleton(source.config, dtype))
-    return finalize(store, plan, cfg.compress.ratio, cfg.soco.min_rank_fraction, train_s, layers_name, len(layers))
+    return finalize(store, plan, cfg.compress.ratio, cfg.soco.min_rank_fraction, train_s, layers_name, n_layers)
 
 
 def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float, train_s: float,
