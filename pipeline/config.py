@@ -46,7 +46,10 @@ class CompressConfig:
 class SocoConfig:
     """SoCo's learned spectrum (used when compress.method is `soco`); see soco/schedule.py."""
 
-    coarse_ratio: float = -1.0  # ratio of the svd-llm pre-truncation; < 0 means compress.ratio / 2
+    # Removal ratio of the svd-llm pre-truncation that gives the candidate components: below
+    # compress.ratio; negative keeps more than the dense count (each matrix capped at full
+    # rank); null = 1 - 2 * (1 - ratio): candidates worth twice the budget's parameters.
+    coarse_ratio: float | None = None
     lr: float = 0.05  # Adam learning rate of the scores in the coarse stage
     refine_lr_factor: float = 0.4  # the learning rates are multiplied by this after the coarse stage
     channel_scales: bool = False  # also train a scale per input and output channel of each matrix
@@ -149,8 +152,10 @@ def validate(cfg: Config) -> Config:
     if cfg.compress.method not in ALL_METHODS:
         raise UserError(f"compress.method must be one of {', '.join(ALL_METHODS)}, got '{cfg.compress.method}'")
     sc = cfg.soco
-    if sc.coarse_ratio >= 0 and not sc.coarse_ratio < cfg.compress.ratio:
-        raise UserError(f"soco.coarse_ratio must be below compress.ratio ({cfg.compress.ratio}), got {sc.coarse_ratio}")
+    if sc.coarse_ratio is not None and (isinstance(sc.coarse_ratio, bool) or not isinstance(sc.coarse_ratio, (int, float))
+                                       or not sc.coarse_ratio < cfg.compress.ratio):
+        raise UserError(f"soco.coarse_ratio must be null or a number below compress.ratio ({cfg.compress.ratio}), "
+                        f"got {sc.coarse_ratio!r}")
     if sc.zero_stage not in (2, 3):
         raise UserError(f"soco.zero_stage must be 2 or 3, got {sc.zero_stage}")
     if sc.launcher not in ("ray", "local"):

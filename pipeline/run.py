@@ -10,6 +10,7 @@ Run folder (local path or fsspec URL):
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -36,20 +37,30 @@ COARSE_PLAN = "factors/plan.json"
 
 def decomposition_plan(cfg: Config, model) -> Plan:
     """Ranks the decompose stage factors to: the target's uniform ranks for the baselines;
-    for soco, svd-llm factors pre-truncated at the looser coarse ratio (default ratio / 2)."""
+    for soco, svd-llm factors pre-truncated at the looser coarse ratio (default: candidates
+    worth twice the budget's parameters)."""
     if cfg.compress.method != "soco":
         return uniform_plan(model, cfg.compress.method, cfg.compress.ratio)
-    coarse = cfg.soco.coarse_ratio if cfg.soco.coarse_ratio >= 0 else cfg.compress.ratio / 2
-    plan = uniform_plan(model, "svd-llm", coarse) if coarse > 0 else full_plan(model)
     uniform_plan(model, "soco", cfg.compress.ratio)  # refuses a target ratio no matrix can meet
-    return plan
+    return coarse_plan(model, coarse_ratio(cfg.soco.coarse_ratio, cfg.compress.ratio))
 
 
-def full_plan(model) -> Plan:
-    """Coarse ratio 0: every component up to min(m, n) stays a candidate."""
+def coarse_ratio(configured: float | None, ratio: float) -> float:
+    """The pre-truncation's removal ratio: as configured, else 1 - 2(1 - ratio). Twice the
+    budget leaves the learned selection free to drop half of the candidates of any matrix
+    (a pool barely above the budget makes SoCo little more than svd-llm's truncation)."""
+    return configured if configured is not None else 1.0 - 2.0 * (1.0 - ratio)
+
+
+def coarse_plan(model, coarse: float) -> Plan:
+    """Rank floor((1 - coarse) mn / (m + n)) per matrix, capped at full rank min(m, n): a
+    coarse ratio <= 0 keeps at least the dense count's worth of components as candidates."""
     from .plan import decoder_linears
+    if coarse > 0:
+        return uniform_plan(model, "svd-llm", coarse)
     shapes = decoder_linears(model)
-    return Plan("svd-llm", 0.0, {n: min(s) for n, s in shapes.items()}, shapes)
+    ranks = {n: min(min(m, k), math.floor((1.0 - coarse) * m * k / (m + k))) for n, (m, k) in shapes.items()}
+    return Plan("svd-llm", coarse, ranks, shapes)
 
 
 def set_threads(n: int) -> None:

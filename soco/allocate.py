@@ -36,20 +36,6 @@ def select_components(importance: dict[str, torch.Tensor], costs: dict[str, int]
     return {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in keep.items()}
 
 
-def budget_threshold(importance: list[torch.Tensor], costs: list[int], budget: int) -> float:
-    """The importance above which the components fill the budget when ranked globally: the
-    cut that `select_components` will make (without its minimum ranks), so that the
-    sparsification stage can train the network the final cut will produce."""
-    imp = torch.cat([i.detach().flatten().float() for i in importance])
-    cost = torch.cat([torch.full((i.numel(),), c, dtype=torch.float64) for i, c in zip(importance, costs)])
-    order = torch.argsort(imp, descending=True)
-    fits = torch.cumsum(cost[order], 0) <= budget
-    n = int(fits.sum())
-    if n == 0:
-        return float("inf")
-    return float(imp[order[n - 1]])
-
-
 def out_of_order_share(sigma: torch.Tensor, keep: torch.Tensor) -> float:
     """Share of kept components with a smaller sigma than some pruned component of the
     same matrix (0 for a pure singular-value truncation)."""

@@ -12,15 +12,17 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    while the scores learn to compensate (gates saturate at 1, so kept scores can grow
    above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
    held-out KL has not improved for `patience` evaluations.
-3. Fine-grained SPARSIFY: the gates' hardness ramps linearly from 0 to 1 over
-   `sparsify_ramp` steps towards exact 0/1 (the remaining `sparsify_steps` train the
-   hard network, so the kept scores compensate for exactly what is cut), the threshold being the |score| at which a global
-   ranking fills the budget (soco.allocate.budget_threshold): at the end the network
-   trained is exactly the one the final cut keeps, and the hard count equals the budget.
-   Then DONE.
+3. Fine-grained SPARSIFY: at its first step the selection is frozen (`selection_due`):
+   the caller makes the final global cut once from the learned scores (importance per
+   parameter, the exact budget, soco.allocate.select_components) and masks the pruned
+   components. Their contribution then fades linearly to exact zero over `sparsify_ramp`
+   steps (`hardness` goes 0 -> 1, the pruned components weigh 1 - hardness) while the kept
+   scores learn to compensate; the remaining steps train the hard network that will be
+   saved. No budget term (the frozen cut meets the budget exactly), and no component
+   flips on and off around a moving threshold. The caller keeps the scores of the best
+   held-out evaluation of the hard network. Then DONE.
 
-After DONE the caller keeps exactly the budget by a global ranking of the components
-(soco.allocate) and folds the scores into the factors.
+After DONE the caller folds the kept components' scores into the factors.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ class ScheduleState:
     best_holdout: float = float("inf")
     bad_evals: int = 0
     boundaries: list[int] = field(default_factory=list)  # steps at which stages 2, 3, DONE began
+    frozen_at: int = -1  # step at which the final selection was frozen (-1: not yet)
+    frozen_best: float = float("inf")  # best held-out KL of the frozen network ...
+    best_step: int = -1  # ... and the step whose scores gave it (-1: none yet)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,13 +87,21 @@ class ThreeStageSchedule:
         return self.state.stage
 
     def hardness(self) -> float:
+        """How far the pruned components have faded this step: 0 until SPARSIFY, then a linear
+        ramp to 1 (exactly pruned) over `sparsify_ramp` steps."""
         if self.stage == Stage.SPARSIFY:
             return min(1.0, (self.state.step - self.state.stage_start + 1) / max(1, self.cfg.sparsify_ramp))
         return 1.0 if self.stage == Stage.DONE else 0.0
 
+    def selection_due(self) -> bool:
+        """True at the first sparsification step: the final cut is to be frozen now."""
+        return self.state.stage == Stage.SPARSIFY and self.state.frozen_at < 0
+
     def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(budget term, sparsity term) for this stage."""
         excess = soft / target - 1.0
+        if self.state.frozen_at >= 0:  # the frozen cut holds the budget exactly
+            return soft.new_zeros(()), soft.new_zeros(())
         if self.stage == Stage.COARSE:
             budget = self.cfg.budget_weight * torch.relu(excess)
         else:

@@ -1,15 +1,15 @@
 """SoCo's learnable spectrum: W' = U diag(s * sigma) Vt with frozen U, sigma, Vt.
 
 Each component i of a compressed matrix has a score s_i (initialised to 1) and a gate
-g_i = gate(s_i) in [0, 1] that says how much it is "paid for": the differentiable
-parameter count of the model is sum_i g_i * (m + n). The gate is
+g_i in [0, 1] that says how much it is "paid for": the differentiable parameter count of
+the model is sum_i g_i * (m + n). Until the final cut the gate is
 
     g(s) = min(1, |s|)
 
-which is 1 for every component whose score is at least 1 (so kept components can
-grow above 1 to compensate for pruned ones without costing more) and falls linearly to
-0 at s = 0. `hardness` in [0, 1] blends this soft gate into a hard 0/1 step at
-`threshold`, which the fine-grained sparsification stage anneals to 1.
+which is 1 for every component whose score is at least 1 (so kept components can grow
+above 1 to compensate for pruned ones without costing more) and falls linearly to 0 at
+s = 0. Once the cut is made (`apply_cut`) the gates are hard: 1 for the kept components,
+0 for the pruned ones, so the count is exactly what will be saved.
 """
 from __future__ import annotations
 
@@ -22,34 +22,13 @@ def soft_gate(s: torch.Tensor) -> torch.Tensor:
     return s.abs().clamp(max=1.0)
 
 
-def gate(s: torch.Tensor, hardness: float = 0.0, threshold: float = 0.5) -> torch.Tensor:
-    """Blend of the soft gate and a hard step at `threshold` (straight-through gradient)."""
-    g = soft_gate(s)
-    if hardness <= 0:
-        return g
-    hard = (s.abs() >= threshold).to(g.dtype)
-    hard = g + (hard - g).detach()  # value of the step, gradient of the soft gate
-    return (1 - hardness) * g + hardness * hard
-
-
-def on_factor(s: torch.Tensor, hardness: float, threshold: float) -> torch.Tensor:
-    """Multiplier of each component in the forward pass: 1 while soft, and with hardness h
-    (1-h) + h * [|s| >= threshold], so at h = 1 components whose gate is off contribute
-    exactly zero and the model trains as the pruned network it will become. The step has
-    a straight-through gradient so an off component can still come back."""
-    if hardness <= 0:
-        return torch.ones_like(s)
-    step = (s.abs() >= threshold).to(s.dtype)
-    step = step + (soft_gate(s) - soft_gate(s).detach())  # value of the step, gradient of the gate
-    return (1 - hardness) + hardness * step
-
-
 class ScoredLinear(nn.Module):
     """y = out * (((in * x) Vt^T) * (s * sigma * on * mask)) U^T (+ b); `score` trains, and the
     channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on.
 
-    `mask` (a buffer) marks components already removed; they neither contribute to the
-    output nor to the parameter count. `on` is 1 until the sparsification stage hardens it.
+    `mask` (a buffer) marks the components the final cut removed (0). After the cut the
+    gates are hard (the mask itself), and the pruned components' output is weighted by
+    `fade`, which the sparsification stage ramps from 1 to 0 so that they vanish gradually.
     """
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -66,7 +45,8 @@ class ScoredLinear(nn.Module):
         self.in_scale = nn.Parameter(torch.ones(self.in_features, dtype=U.dtype), requires_grad=False)
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
-        self.hardness, self.threshold = 0.0, 0.5
+        self.hard = False  # True once the final cut is applied: gates are the mask
+        self.fade = 1.0  # weight of the masked-out components' output (0: exactly pruned)
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
 
     @property
@@ -75,11 +55,13 @@ class ScoredLinear(nn.Module):
         return self.out_features + self.in_features
 
     def gates(self) -> torch.Tensor:
-        return gate(self.score, self.hardness, self.threshold) * self.mask
+        """The share of each component's cost that is paid: min(1, |s|), or 0/1 after the cut."""
+        return self.mask if self.hard else soft_gate(self.score) * self.mask
 
     def multiplier(self) -> torch.Tensor:
-        """Effective weight of each component: s * sigma, switched by the hardened gate."""
-        return self.score * self.sigma * self.mask * on_factor(self.score, self.hardness, self.threshold)
+        """Effective weight of each component: s * sigma, the pruned ones weighted by `fade`."""
+        kept = self.mask if self.fade == 0 else self.mask + (1 - self.mask) * self.fade
+        return self.score * self.sigma * kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
@@ -108,15 +90,21 @@ def soft_count(model: nn.Module) -> torch.Tensor:
     return torch.stack([m.gates().sum() * m.cost for m in mods]).sum()
 
 
-def exact_count(model: nn.Module, threshold: float = 0.5) -> int:
-    """Parameters of the components whose gate is on (>= threshold) and not masked."""
-    total = 0
-    for m in scored_modules(model).values():
-        on = (m.score.detach().abs() >= threshold) & (m.mask > 0)
-        total += int(on.sum()) * m.cost
-    return total
+def exact_count(model: nn.Module) -> int:
+    """Parameters of the components not removed by the cut (all of them before it)."""
+    return sum(int((m.mask > 0).sum()) * m.cost for m in scored_modules(model).values())
 
 
-def set_hardness(model: nn.Module, hardness: float, threshold: float = 0.5) -> None:
+def apply_cut(mods: dict[str, ScoredLinear], keep: dict[str, torch.Tensor]) -> None:
+    """The final cut: only the components in `keep` (indices per matrix) stay; gates turn hard."""
+    for name, m in mods.items():
+        mask = torch.zeros_like(m.mask)
+        mask[keep[name]] = 1
+        m.mask.copy_(mask)
+        m.hard = True
+
+
+def set_fade(model: nn.Module, fade: float) -> None:
+    """Weight of the pruned components' output in every scored matrix (1 -> 0 while pruning)."""
     for m in scored_modules(model).values():
-        m.hardness, m.threshold = hardness, threshold
+        m.fade = fade

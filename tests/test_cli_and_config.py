@@ -31,6 +31,8 @@ def test_overrides_are_typed():
     (["compress.method=pca"], "compress.method must be one of"),
     (["data.seq_len=0"], "data.seq_len must be at least 1"),
     (["noequals"], "--set expects key=value"),
+    (["soco.coarse_ratio=0.5"], "soco.coarse_ratio must be null or a number below compress.ratio (0.4)"),
+    (["soco.coarse_ratio=abc"], "soco.coarse_ratio must be null or a number below compress.ratio"),
 ])
 def test_bad_config_values_name_the_problem(overrides, message):
     with pytest.raises(UserError) as e:

@@ -9,7 +9,7 @@ from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, exact_count, scored_modules, set_hardness, soft_count
+from soco.scores import ScoredLinear, apply_cut, exact_count, scored_modules, set_fade, soft_count
 
 
 def _tiny_scored_model(tiny_llama):
@@ -47,9 +47,14 @@ def test_soft_count_equals_exact_count_when_gates_are_hard(tiny_llama):
     for m in scored_modules(model).values():
         with torch.no_grad():
             m.score.copy_(torch.rand(m.rank, generator=g) * 1.6 - 0.3)
+    mods = scored_modules(model)
     assert float(soft_count(model)) != exact_count(model)  # soft gates differ from the count
-    set_hardness(model, 1.0)
-    assert float(soft_count(model)) == exact_count(model)
+    costs = {n: m.cost for n, m in mods.items()}
+    keep = select_components({n: m.score.detach().abs() for n, m in mods.items()}, costs,
+                             budget=exact_count(model) // 2)
+    apply_cut(mods, keep)  # the final cut: gates turn hard
+    kept = sum(len(keep[n]) * costs[n] for n in mods)
+    assert float(soft_count(model)) == exact_count(model) == kept
 
 
 def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
@@ -60,20 +65,22 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
             m.score.copy_(torch.rand(m.rank, generator=g) * 2.0)
             m.in_scale.copy_(0.5 + torch.rand(m.in_features, generator=g))  # trained channel scales fold too
             m.out_scale.copy_(0.5 + torch.rand(m.out_features, generator=g))
-    set_hardness(model, 1.0)
+    mods = scored_modules(model)
+    keep = {n: torch.nonzero(m.score.detach().abs() >= 0.5).flatten() for n, m in mods.items()}
+    apply_cut(mods, keep)
+    set_fade(model, 0.0)  # the pruned components contribute exactly nothing
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
     with torch.no_grad():
         scored = model(ids).logits
-        for name, m in list(scored_modules(model).items()):
-            keep = torch.nonzero(m.score.abs() >= 0.5).flatten()
-            up, down = m.folded(keep)
+        for name, m in list(mods.items()):
+            up, down = m.folded(keep[name])
             model.set_submodule(name, LowRankLinear.from_factors(up, down))
         folded = model(ids).logits
     assert torch.allclose(scored, folded, atol=1e-4, rtol=1e-4)
 
 
 def test_schedule_switching_rules():
-    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=2, sparsify_ramp=2, patience=2)
+    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=3, sparsify_ramp=2, patience=2)
     s = ThreeStageSchedule(cfg)
     assert s.after_step(soft_count=120.0, target=100.0) == Stage.COARSE
     assert s.after_step(soft_count=100.0, target=100.0) == Stage.REFINE  # reached the budget
@@ -84,9 +91,13 @@ def test_schedule_switching_rules():
     assert s.stage == Stage.REFINE
     s.after_holdout(1.2)  # second evaluation without improvement: early stop
     assert s.stage == Stage.SPARSIFY and s.state.boundaries == [2, 3]
-    assert 0 < s.hardness() < 1
+    assert s.selection_due()  # the caller freezes the final cut at the first sparsification step ...
+    s.state.frozen_at = s.state.step
+    assert not s.selection_due()  # ... once
+    assert 0 < s.hardness() < 1  # and the pruned components fade out over the ramp
     s.after_step(99.0, 100.0)
     assert s.hardness() == 1.0
+    s.after_step(99.0, 100.0)
     assert s.after_step(99.0, 100.0) == Stage.DONE
     # the coarse stage ends after coarse_max_steps even above the budget
     t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
@@ -104,6 +115,9 @@ def test_schedule_penalties_by_stage():
     s.state.stage = Stage.REFINE
     b, sp = s.penalty(torch.tensor(90.0), 100.0)
     assert float(b) == pytest.approx(0.2) and float(sp) == 0.0  # held from both sides, no sparsity
+    s.state.stage, s.state.frozen_at = Stage.SPARSIFY, 7
+    b, sp = s.penalty(torch.tensor(90.0), 100.0)
+    assert float(b) == 0.0 and float(sp) == 0.0  # the frozen cut holds the budget by itself
 
 
 def test_global_selection_keeps_exactly_the_budget():
@@ -127,11 +141,15 @@ def test_topk_kl_is_exact_kl_when_k_covers_the_vocabulary():
     assert float(topk_kl(t, *teacher_topk(t, 4))) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_budget_threshold_is_the_final_cut():
-    from soco.allocate import budget_threshold
-    imp = {"a": torch.tensor([0.9, 0.3, 1.7, 0.6]), "b": torch.tensor([1.1, 0.2, 0.7])}
-    costs = {"a": 10, "b": 7}
-    t = budget_threshold(list(imp.values()), list(costs.values()), 40)
-    keep = select_components(imp, costs, 40)
-    kept_by_t = {n: torch.nonzero(v >= t).flatten().tolist() for n, v in imp.items()}
-    assert {n: v.tolist() for n, v in keep.items()} == kept_by_t
+def test_coarse_pool_is_twice_the_budget_capped_at_full_rank(tiny_llama):
+    """The default candidates: svd-llm factors worth 2x the budget, no matrix above full rank."""
+    from transformers import AutoModelForCausalLM
+    from pipeline.run import coarse_plan, coarse_ratio
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    assert coarse_ratio(None, 0.8) == pytest.approx(0.6) and coarse_ratio(0.1, 0.4) == 0.1
+    loose = coarse_plan(model, coarse_ratio(None, 0.8))  # 2 x 20% of the dense count
+    budget = 0.2 * loose.dense_params()
+    assert 2 * budget * 0.95 <= loose.lowrank_params() <= 2 * budget
+    wide = coarse_plan(model, coarse_ratio(None, 0.2))  # 2 x 80%: more than the dense count
+    assert wide.ranks == {n: min(m, k, int(1.6 * m * k / (m + k))) for n, (m, k) in wide.shapes.items()}
+    assert any(r == min(wide.shapes[n]) for n, r in wide.ranks.items())  # some capped at full rank

@@ -6,7 +6,11 @@ Outputs:
   teacher/topk.safetensors      dense top-k log-probs (`logp`) and ids (`idx`) per token
   scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
-  scores/final.safetensors      the same after the last stage
+                                and `<module>.mask` (0 = pruned by the final cut, which is
+                                made once, at the start of sparsification)
+  scores/best.safetensors       the frozen network's scores at its best held-out KL
+  scores/final.safetensors      the scores kept: the best frozen ones (else the last), with
+                                the whole run's state and curve
   learned/layer-00012.safetensors kept components with the scores folded in, in the factors
                                 contract (`<linear>.U/.sigma/.Vt`), read by assemble
   learn.json                    ranks, budget, out-of-order shares, steps, wall time
@@ -23,10 +27,10 @@ import torch
 from torch import nn
 
 from cluster.storage import Storage
-from soco.allocate import budget_threshold, out_of_order_share, select_components
+from soco.allocate import out_of_order_share, select_components
 from soco.objective import SoCoObjective, teacher_topk
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, scored_modules, set_hardness
+from soco.scores import ScoredLinear, apply_cut, scored_modules, set_fade
 
 from ..layerwise import Batch, LayerwiseModel
 from ..model_io import ModelSource, build_skeleton, find_layers, materialise
@@ -36,6 +40,7 @@ from .decompose import load_factor_file, load_layer_factors
 
 TEACHER_FILE = "teacher/topk.safetensors"
 FINAL_SCORES = "scores/final.safetensors"
+BEST_SCORES = "scores/best.safetensors"
 
 
 def learned_file(i: int) -> str:
@@ -153,7 +158,10 @@ def train_worker(conf: dict[str, Any]) -> None:
         saved, state, curve = load_scores(store, ckpt)
         with torch.no_grad():
             for key, v in saved.items():
-                trained[key].copy_(v)
+                if not key.endswith(".mask"):
+                    trained[key].copy_(v)
+        if state.frozen_at >= 0:  # resumed after the cut: the same components stay pruned
+            apply_cut(mods, {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in mods})
     sched = ThreeStageSchedule(ScheduleConfig(**conf["schedule"]), state)
     objective = SoCoObjective(model)
     groups = [{"params": [p for k, p in trained.items() if k.endswith(".score")], "lr": conf["lr"]}]
@@ -163,7 +171,6 @@ def train_worker(conf: dict[str, Any]) -> None:
                       conf["batch_size"] // (dist.get_world_size() if dist.is_initialized() else 1))
     base_lrs = [g["lr"] for g in groups]
     score_params = [m.score for m in mods.values()]
-    costs = [m.cost for m in mods.values()]
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     windows = store.load_tensors(WINDOWS_FILE)["windows"]
@@ -186,17 +193,24 @@ def train_worker(conf: dict[str, Any]) -> None:
     def checkpoint(rel: str) -> None:
         with zero.gathered(list(trained.values())):
             values = {k: p.detach().clone() for k, p in trained.items()}
+        values.update({f"{n}.mask": m.mask.detach().clone() for n, m in mods.items()})
         if rank == 0:
             save_scores(store, rel, values, sched.state, curve)
+
+    def freeze() -> None:
+        # the final global cut, made once: pruned components are masked out for good
+        with zero.gathered(score_params):
+            importance = {n: m.score.detach().abs() for n, m in mods.items()}
+        apply_cut(mods, select_components(importance, {n: m.cost for n, m in mods.items()}, int(target),
+                                          conf["min_rank"]))
+        sched.state.frozen_at = sched.state.step
 
     t0 = time.perf_counter()
     while sched.stage != Stage.DONE and sched.state.step < conf["max_steps"]:
         step = sched.state.step
-        threshold = 0.5
-        if sched.stage == Stage.SPARSIFY:  # harden towards exactly the components the final cut keeps
-            with zero.gathered(score_params):
-                threshold = budget_threshold([p.detach().abs() for p in score_params], costs, int(target))
-        set_hardness(model, sched.hardness(), threshold)
+        if sched.selection_due():
+            freeze()
+        set_fade(model, 1.0 - sched.hardness())  # the pruned components vanish over the ramp
         factor = 1.0 if sched.stage == Stage.COARSE else conf["refine_lr_factor"]
         for group, base in zip(eng.optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
@@ -205,24 +219,36 @@ def train_worker(conf: dict[str, Any]) -> None:
         budget, sparsity = sched.penalty(soft, target)
         eng.backward(kl + budget + sparsity)
         eng.step()
-        soft_v, kl_v = float(soft.detach()), all_mean(float(kl.detach()))
+        soft_v = float(soft.detach())  # after the cut: exactly the kept parameters
+        kl_v = all_mean(float(kl.detach()))
         stage_before = sched.stage
         sched.after_step(soft_v, target)
         entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
                  "budget": float(budget.detach()), "hardness": sched.hardness() if sched.stage == stage_before else None,
                  "seconds": round(time.perf_counter() - t0, 2)}
         if hold_ids and ((step + 1) % conf["eval_every"] == 0 or sched.stage == Stage.DONE):
+            set_fade(model, 0.0)  # once the cut is frozen, evaluate the network that will be saved
             with torch.no_grad():
                 hk = all_mean(float(run(hold_ids[rank::world])[0]))
             entry["holdout_kl"] = hk
             sched.after_holdout(hk)
+            if sched.state.frozen_at >= 0 and hk < sched.state.frozen_best:
+                # the frozen network's best held-out scores are the ones kept
+                sched.state.frozen_best, sched.state.best_step = hk, step + 1
+                curve.append(entry)
+                checkpoint(BEST_SCORES)
+                curve.pop()
         curve.append(entry)
         if conf["progress"] and rank == 0:
             print(f"learn step {step + 1} stage {int(stage_before)} kl {kl_v:.4f} soft/target {soft_v / target:.4f}"
                   + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
         if sched.state.step % conf["checkpoint_every"] == 0:
             checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
-    checkpoint(FINAL_SCORES)
+    if sched.state.best_step > 0 and rank == 0:  # the best frozen scores, with the whole curve and state
+        best, _, _ = load_scores(store, BEST_SCORES)
+        save_scores(store, FINAL_SCORES, best, sched.state, curve)
+    elif sched.state.best_step <= 0:
+        checkpoint(FINAL_SCORES)
     zero.finish(destroy=conf.get("launcher") == "ray")
 
 
@@ -236,12 +262,19 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
             "zero_stage": s.zero_stage, "batch_size": s.batch_size, "holdout": s.holdout_samples,
             "eval_every": s.eval_every, "checkpoint_every": s.checkpoint_every, "max_steps": s.max_steps,
             "target": float(budget_params(plan, cfg.compress.ratio)), "resume": resume, "progress": progress,
+            "min_rank": min_ranks(plan, cfg.compress.ratio, s.min_rank_fraction),
             "schedule": {"budget_weight": s.budget_weight, "sparsity_weight": s.sparsity_weight,
                          "coarse_max_steps": s.coarse_max_steps, "refine_steps": s.refine_steps,
                          "sparsify_steps": s.sparsify_steps, "sparsify_ramp": s.sparsify_ramp,
                          "patience": s.patience},
             "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr,
             "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing}
+
+
+def min_ranks(plan: Plan, ratio: float, fraction: float) -> dict[str, int]:
+    """The fewest components each matrix keeps in the global cut: `fraction` of its uniform rank."""
+    from soco.ranks import uniform_rank
+    return {n: max(1, math.floor(fraction * uniform_rank(*plan.shapes[n], ratio))) for n in plan.ranks}
 
 
 def budget_params(plan: Plan, ratio: float) -> int:
@@ -282,14 +315,15 @@ def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch
 def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float, train_s: float,
              layers_name: str, n_layers: int) -> dict[str, Any]:
     """Global selection under the exact budget, folding, learned/ files, plan.json, plots."""
-    from soco.ranks import uniform_rank
     saved, state, curve = load_scores(store, FINAL_SCORES)
     scores = {k[: -len(".score")]: v for k, v in saved.items() if k.endswith(".score")}
     budget = budget_params(plan, ratio)
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
-    importance = {n: scores[n].abs() for n in plan.ranks}
-    min_rank = {n: max(1, math.floor(min_rank_fraction * uniform_rank(*plan.shapes[n], ratio))) for n in plan.ranks}
-    keep = select_components(importance, costs, budget, min_rank)
+    if state.frozen_at >= 0:  # training froze the final cut: keep exactly the unmasked components
+        keep = {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in plan.ranks}
+    else:  # stopped before the freeze (max_steps): make the cut from the scores
+        importance = {n: scores[n].abs() for n in plan.ranks}
+        keep = select_components(importance, costs, budget, min_ranks(plan, ratio, min_rank_fraction))
     shares, final_ranks = {}, {}
     for i in range(n_layers):
         factors = load_layer_factors(store, i)
@@ -312,7 +346,8 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     summary = {
         "budget_params": budget, "kept_params": kept, "dense_params": plan.dense_params(),
         "coarse_ranks": plan.ranks, "steps": state.step, "stage_boundaries": state.boundaries,
-        "train_seconds": round(train_s, 1),
+        "train_seconds": round(train_s, 1), "frozen_at": state.frozen_at, "best_step": state.best_step,
+        "best_holdout_kl": state.frozen_best if state.best_step > 0 else None,
         "out_of_order_share": sum(shares[n] * final_ranks[n] for n in shares) / max(1, sum(final_ranks.values())),
         "out_of_order_share_per_matrix": shares, "matrices_with_zero_out_of_order": sum(v == 0 for v in shares.values()),
     }
