@@ -8,6 +8,7 @@ across ranks and gathered module by module during forward and backward.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any, Callable
@@ -33,29 +34,49 @@ def ds_config(zero_stage: int, micro_batch: int, world_size: int) -> dict[str, A
     }
 
 
-def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int, micro_batch: int):
-    """A DeepSpeed engine over `model` optimising the param groups ({"params", "lr"}) with torch's Adam."""
+def init_distributed() -> int:
+    """The process group DeepSpeed needs (Ray Train made it already; a single process outside
+    Ray Train gets a one-rank group on loopback); returns the world size."""
     import deepspeed
     import torch.distributed as dist
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized():
-        # single process outside Ray Train: a one-rank gloo group on loopback
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    return dist.get_world_size()
+
+
+def partitioned_init(zero_stage: int, micro_batch: int, dtype: torch.dtype):
+    """Context in which the parameters of modules constructed inside are partitioned across
+    the ranks as soon as each module is built (ZeRO-3's `zero.Init`), so that no rank ever
+    holds the whole model: what a 70B model needs. A no-op context for ZeRO-2."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    world = init_distributed()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config(zero_stage, micro_batch, world), dtype=dtype,
+                               mem_efficient_linear=False)
+
+
+def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int, micro_batch: int):
+    """A DeepSpeed engine over `model` optimising the param groups ({"params", "lr"}) with torch's
+    Adam. Parameters built under `partitioned_init` stay partitioned; the rest are partitioned here."""
+    import deepspeed
+    world = init_distributed()
     opt = torch.optim.Adam(param_groups)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(zero_stage, micro_batch, world),
                                         dist_init_required=False)
     return eng
 
 
-def gathered(params: list[nn.Parameter]):
-    """Context in which ZeRO-3-partitioned params hold their full values (no-op otherwise)."""
+def gathered(params: list[nn.Parameter], modify: bool = False):
+    """Context in which ZeRO-3-partitioned params hold their full values (no-op otherwise);
+    with `modify`, rank 0's writes are broadcast to every rank on exit."""
     import deepspeed
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def finish(destroy: bool = True) -> None:

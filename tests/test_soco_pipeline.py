@@ -88,3 +88,23 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     assert [e["step"] for e in curve] == list(range(1, 13))
     assert curve[:8] == curve8, "the resumed run keeps the history it resumed from"
     assert state.step == 12 and latest_checkpoint(store) == "scores/step-000012.safetensors"
+
+
+def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text_file):
+    """Under ZeRO-3 each factor is partitioned as its matrix is built (zero.Init), so no rank
+    ever holds the whole factored model; the partitioned model gives the same scored logits."""
+    from cluster import zero
+    from cluster.storage import Storage
+    from pipeline.model_io import ModelSource
+    from pipeline.stages.learn import build_scored_model
+    from soco.scores import scored_modules
+    compress(soco_config(tiny_llama, tmp_path / "run", text_file, max_steps=1), progress=False)
+    store, source = Storage(str(tmp_path / "run")), ModelSource(str(tiny_llama))
+    zero.init_distributed()
+    part = build_scored_model(source, store, partitioned=lambda: zero.partitioned_init(3, 1, torch.float32))
+    plain = build_scored_model(source, store)
+    mods = scored_modules(part)
+    assert mods and all(hasattr(m.U, "ds_id") and m.U.data.numel() == 0 for m in mods.values())
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad(), zero.gathered(list(part.parameters())):
+        assert torch.allclose(part(ids).logits, plain(ids).logits, atol=1e-5)

@@ -18,6 +18,7 @@ Outputs:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -70,12 +71,15 @@ def cache_teacher(source: ModelSource, store: Storage, k: int, dtype: torch.dtyp
 
 
 # --- the scored model ------------------------------------------------------------------
-def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
+                       partitioned: Any = None) -> nn.Module:
     """The model with every planned linear replaced by a ScoredLinear over its factors.
 
     Built one layer at a time: the dense layer is read, its linears swapped for the
     factors, and the dense weights dropped, so peak memory is the factored model plus
-    one dense layer.
+    one dense layer. With `partitioned` (a context factory: cluster.zero.partitioned_init)
+    the factors are partitioned across the ZeRO-3 ranks as each matrix is built, so a rank
+    holds its share of the factored model plus one dense layer.
     """
     model = build_skeleton(source.config, dtype)
     lw = LayerwiseModel(model, source, dtype)
@@ -87,7 +91,9 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
         for name, f in factors.items():
             lin = layer.get_submodule(name)
             bias = None if lin.bias is None else lin.bias.detach()
-            layer.set_submodule(name, ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias))
+            with partitioned() if partitioned else contextlib.nullcontext():
+                scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias)
+            layer.set_submodule(name, scored)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in scored_modules(model).values():
@@ -144,7 +150,9 @@ def train_worker(conf: dict[str, Any]) -> None:
     torch.set_num_threads(conf["threads"])
     torch.manual_seed(conf["seed"])
     store, source = Storage(conf["run"]), ModelSource(conf["model"])
-    model = build_scored_model(source, store)
+    micro_batch = conf["batch_size"] // zero.init_distributed()
+    model = build_scored_model(source, store, torch.float32,
+                               partitioned=lambda: zero.partitioned_init(conf["zero_stage"], micro_batch, torch.float32))
     if conf.get("activation_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF recomputes layers only in training mode (these models have no dropout)
@@ -156,7 +164,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         p.requires_grad_(True)
     if ckpt is not None:
         saved, state, curve = load_scores(store, ckpt)
-        with torch.no_grad():
+        with zero.gathered(list(trained.values()), modify=True), torch.no_grad():
             for key, v in saved.items():
                 if not key.endswith(".mask"):
                     trained[key].copy_(v)
@@ -167,8 +175,7 @@ def train_worker(conf: dict[str, Any]) -> None:
     groups = [{"params": [p for k, p in trained.items() if k.endswith(".score")], "lr": conf["lr"]}]
     if conf["channel_scales"]:
         groups.append({"params": [p for k, p in trained.items() if not k.endswith(".score")], "lr": conf["scale_lr"]})
-    eng = zero.engine(objective, groups, conf["zero_stage"],
-                      conf["batch_size"] // (dist.get_world_size() if dist.is_initialized() else 1))
+    eng = zero.engine(objective, groups, conf["zero_stage"], micro_batch)
     base_lrs = [g["lr"] for g in groups]
     score_params = [m.score for m in mods.values()]
     rank = dist.get_rank() if dist.is_initialized() else 0
