@@ -1,13 +1,13 @@
 """Per-rank memory and time of SoCo's learn stage for a 70B Llama on 8 GPUs with ZeRO-3,
 derived from the model's shapes (docs/scaling.md explains each line).
 
-    .venv/bin/python bench/zero70b.py [--coarse-ratio 0.2] [--step-seconds-cpu S --cpu-gflops G]
+    .venv/bin/python bench/zero70b.py [--ratio 0.4] [--coarse-ratio C]
 """
 from __future__ import annotations
 
 import argparse
 
-from soco.ranks import uniform_rank
+from soco.ranks import candidate_rank
 
 # Llama-3-70B shapes
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 8192, 28672, 80, 64, 8, 128256
@@ -22,7 +22,9 @@ def linear_shapes() -> list[tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--coarse-ratio", type=float, default=0.2)
+    ap.add_argument("--ratio", type=float, default=0.4, help="target removal ratio")
+    ap.add_argument("--coarse-ratio", type=float, default=None,
+                    help="candidates' coarse ratio; default as soco.coarse_ratio: 1 - 2(1 - ratio)")
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--tokens-per-rank", type=int, default=2048, help="one window of 2048 tokens per rank and step")
     ap.add_argument("--bytes", type=int, default=2, help="bytes per frozen factor element (bf16)")
@@ -31,9 +33,10 @@ def main() -> None:
     ap.add_argument("--link-gbps", type=float, default=300.0, help="effective all-gather bandwidth per GPU, GB/s")
     a = ap.parse_args()
     GB = 1e9
+    c = a.coarse_ratio if a.coarse_ratio is not None else 1 - 2 * (1 - a.ratio)
     dense_linear = LAYERS * sum(m * n for m, n in linear_shapes())
-    coarse = LAYERS * sum(uniform_rank(m, n, a.coarse_ratio) * (m + n) for m, n in linear_shapes())
-    scores = LAYERS * sum(uniform_rank(m, n, a.coarse_ratio) for m, n in linear_shapes())
+    coarse = LAYERS * sum(candidate_rank(m, n, c) * (m + n) for m, n in linear_shapes())
+    scores = LAYERS * sum(candidate_rank(m, n, c) for m, n in linear_shapes())
     per_layer_coarse = coarse / LAYERS
     emb = 2 * VOCAB * HIDDEN  # untied input and output embeddings
     rows = []
@@ -52,8 +55,8 @@ def main() -> None:
     step_flops = 3 * flops_token * t * a.ranks
     compute_s = step_flops / (a.ranks * a.gpu_tflops * 1e12 * a.mfu)
     gather_s = 3 * coarse * a.bytes * (a.ranks - 1) / a.ranks / (a.link_gbps * GB)  # fwd, recompute, bwd
-    print(f"dense decoder linears: {dense_linear / 1e9:.1f}B parameters; coarse factors at r={a.coarse_ratio}: "
-          f"{coarse / 1e9:.1f}B; scores: {scores / 1e6:.2f}M")
+    print(f"dense decoder linears: {dense_linear / 1e9:.1f}B parameters; target r={a.ratio}, candidate factors at "
+          f"coarse ratio {c:.2f}: {coarse / 1e9:.1f}B; scores: {scores / 1e6:.2f}M")
     print("| per rank | GB |\n|---|---|")
     for name, v in rows:
         print(f"| {name} | {v / GB:.2f} |")

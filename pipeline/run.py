@@ -10,7 +10,6 @@ Run folder (local path or fsspec URL):
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -58,9 +57,9 @@ def coarse_plan(model, coarse: float) -> Plan:
     from .plan import decoder_linears
     if coarse > 0:
         return uniform_plan(model, "svd-llm", coarse)
+    from soco.ranks import candidate_rank
     shapes = decoder_linears(model)
-    ranks = {n: min(min(m, k), math.floor((1.0 - coarse) * m * k / (m + k))) for n, (m, k) in shapes.items()}
-    return Plan("svd-llm", coarse, ranks, shapes)
+    return Plan("svd-llm", coarse, {n: candidate_rank(m, k, coarse) for n, (m, k) in shapes.items()}, shapes)
 
 
 def set_threads(n: int) -> None:

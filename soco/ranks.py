@@ -49,3 +49,10 @@ def check_rank(m: int, n: int, k: int) -> None:
             f"rank {k} for a {m}x{n} matrix stores {k * (m + n)} numbers, not fewer than the "
             f"dense {m * n}; the largest rank that saves parameters is {max_saving_rank(m, n)}"
         )
+
+
+def candidate_rank(m: int, n: int, coarse: float) -> int:
+    """Rank of SoCo's candidate factors at a coarse removal ratio `coarse` < 1, which may be
+    negative (candidates worth more than the dense matrix): floor((1-coarse)mn/(m+n)), at
+    most the full rank min(m, n)."""
+    return max(1, min(m, n, math.floor((1.0 - coarse) * m * n / (m + n))))
