@@ -60,8 +60,8 @@ class SocoConfig:
     max_steps: int = 300  # hard cap over all three stages
     coarse_max_steps: int = 200
     refine_steps: int = 30
-    sparsify_steps: int = 30
-    sparsify_ramp: int = 10  # of which the first ones ramp the gates to hard 0/1
+    sparsify_steps: int = 40
+    sparsify_ramp: int = 20  # of which the first ones prune gradually down to the budget
     patience: int = 2
     budget_weight: float = 5.0
     sparsity_weight: float = 0.5

@@ -15,13 +15,15 @@ import torch
 
 def select_components(importance: dict[str, torch.Tensor], costs: dict[str, int], budget: int,
                       min_rank: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Indices (sorted) of the kept components of each matrix; sum(len * cost) <= budget."""
+    """Indices (sorted) of the kept components of each matrix; sum(len * cost) <= budget.
+    A component with a negative importance (one already pruned) is never kept."""
     min_rank = min_rank or {}
     keep: dict[str, list[int]] = {n: [] for n in importance}
     used = 0
     candidates: list[tuple[float, str, int]] = []
     for name, imp in importance.items():
         order = torch.argsort(imp, descending=True, stable=True).tolist()
+        order = [i for i in order if imp[i] >= 0]
         r = min(min_rank.get(name, 0), len(order))
         keep[name].extend(order[:r])
         used += r * costs[name]

@@ -12,15 +12,16 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    while the scores learn to compensate (gates saturate at 1, so kept scores can grow
    above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
    held-out KL has not improved for `patience` evaluations.
-3. Fine-grained SPARSIFY: at its first step the selection is frozen (`selection_due`):
-   the caller makes the final global cut once from the learned scores (importance per
-   parameter, the exact budget, soco.allocate.select_components) and masks the pruned
-   components. Their contribution then fades linearly to exact zero over `sparsify_ramp`
-   steps (`hardness` goes 0 -> 1, the pruned components weigh 1 - hardness) while the kept
-   scores learn to compensate; the remaining steps train the hard network that will be
-   saved. No budget term (the frozen cut meets the budget exactly), and no component
-   flips on and off around a moving threshold. The caller keeps the scores of the best
-   held-out evaluation of the hard network. Then DONE.
+3. Fine-grained SPARSIFY: gradual pruning to exact zeros. At every step of the first
+   `sparsify_ramp` steps the caller prunes, among the components still alive, those with
+   the smallest learned |score| until the kept parameters fall to `prune_target`: a cubic
+   schedule from all candidates to exactly the budget (many of the weakest early, few at
+   the end), so the network adapts to each cut before the next and the ranking is re-read
+   from the scores as they adapt. A pruned component's output is exactly zero and it never
+   returns (its mask is 0). The last ramp step makes the final cut (the budget, every
+   matrix keeping its minimum rank); the remaining steps train the hard network that will
+   be saved, and the caller keeps the scores of its best held-out evaluation. No budget
+   or sparsity term in this stage: the pruning schedule holds the count. Then DONE.
 
 After DONE the caller folds the kept components' scores into the factors.
 """
@@ -46,8 +47,8 @@ class ScheduleConfig:
     tolerance: float = 0.0  # stage 1 ends when soft <= target * (1 + tolerance)
     coarse_max_steps: int = 200
     refine_steps: int = 60
-    sparsify_steps: int = 30
-    sparsify_ramp: int = 10  # steps over which hardness goes 0 -> 1; the rest train the hard network
+    sparsify_steps: int = 40
+    sparsify_ramp: int = 20  # steps of gradual pruning down to the budget; the rest train the hard network
     patience: int = 3  # held-out evaluations without improvement that end refinement early
 
 
@@ -59,7 +60,7 @@ class ScheduleState:
     best_holdout: float = float("inf")
     bad_evals: int = 0
     boundaries: list[int] = field(default_factory=list)  # steps at which stages 2, 3, DONE began
-    frozen_at: int = -1  # step at which the final selection was frozen (-1: not yet)
+    frozen_at: int = -1  # step after which the final cut holds (-1: not made yet)
     frozen_best: float = float("inf")  # best held-out KL of the frozen network ...
     best_step: int = -1  # ... and the step whose scores gave it (-1: none yet)
 
@@ -86,21 +87,22 @@ class ThreeStageSchedule:
     def stage(self) -> Stage:
         return self.state.stage
 
-    def hardness(self) -> float:
-        """How far the pruned components have faded this step: 0 until SPARSIFY, then a linear
-        ramp to 1 (exactly pruned) over `sparsify_ramp` steps."""
-        if self.stage == Stage.SPARSIFY:
-            return min(1.0, (self.state.step - self.state.stage_start + 1) / max(1, self.cfg.sparsify_ramp))
-        return 1.0 if self.stage == Stage.DONE else 0.0
-
-    def selection_due(self) -> bool:
-        """True at the first sparsification step: the final cut is to be frozen now."""
-        return self.state.stage == Stage.SPARSIFY and self.state.frozen_at < 0
+    def prune_target(self, candidates: float, budget: float) -> float | None:
+        """Parameters the network may keep after this step's pruning, or None when this step
+        prunes nothing: budget + (candidates - budget) (1 - t/R)^3 at step t = 1..R of the
+        SPARSIFY ramp (R = `sparsify_ramp`), which is exactly the budget at t = R."""
+        if self.stage != Stage.SPARSIFY:
+            return None
+        t = self.state.step - self.state.stage_start + 1
+        ramp = max(1, self.cfg.sparsify_ramp)
+        if t > ramp:
+            return None
+        return budget + (candidates - budget) * (1.0 - t / ramp) ** 3
 
     def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(budget term, sparsity term) for this stage."""
         excess = soft / target - 1.0
-        if self.state.frozen_at >= 0:  # the frozen cut holds the budget exactly
+        if self.stage >= Stage.SPARSIFY:  # the pruning schedule holds the count
             return soft.new_zeros(()), soft.new_zeros(())
         if self.stage == Stage.COARSE:
             budget = self.cfg.budget_weight * torch.relu(excess)

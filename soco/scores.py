@@ -26,9 +26,8 @@ class ScoredLinear(nn.Module):
     """y = out * (((in * x) Vt^T) * (s * sigma * on * mask)) U^T (+ b); `score` trains, and the
     channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on.
 
-    `mask` (a buffer) marks the components the final cut removed (0). After the cut the
-    gates are hard (the mask itself), and the pruned components' output is weighted by
-    `fade`, which the sparsification stage ramps from 1 to 0 so that they vanish gradually.
+    `mask` (a buffer) marks the components pruned (0): they contribute exactly nothing.
+    Once pruning starts the gates are hard (the mask itself), so the count is exact.
     """
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -46,7 +45,6 @@ class ScoredLinear(nn.Module):
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
         self.hard = False  # True once the final cut is applied: gates are the mask
-        self.fade = 1.0  # weight of the masked-out components' output (0: exactly pruned)
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
 
     @property
@@ -59,9 +57,8 @@ class ScoredLinear(nn.Module):
         return self.mask if self.hard else soft_gate(self.score) * self.mask
 
     def multiplier(self) -> torch.Tensor:
-        """Effective weight of each component: s * sigma, the pruned ones weighted by `fade`."""
-        kept = self.mask if self.fade == 0 else self.mask + (1 - self.mask) * self.fade
-        return self.score * self.sigma * kept
+        """Effective weight of each component: s * sigma, 0 for the pruned ones."""
+        return self.score * self.sigma * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
@@ -96,15 +93,9 @@ def exact_count(model: nn.Module) -> int:
 
 
 def apply_cut(mods: dict[str, ScoredLinear], keep: dict[str, torch.Tensor]) -> None:
-    """The final cut: only the components in `keep` (indices per matrix) stay; gates turn hard."""
+    """Prune every component not in `keep` (indices per matrix); gates turn hard."""
     for name, m in mods.items():
         mask = torch.zeros_like(m.mask)
         mask[keep[name]] = 1
         m.mask.copy_(mask)
         m.hard = True
-
-
-def set_fade(model: nn.Module, fade: float) -> None:
-    """Weight of the pruned components' output in every scored matrix (1 -> 0 while pruning)."""
-    for m in scored_modules(model).values():
-        m.fade = fade

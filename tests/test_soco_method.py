@@ -9,7 +9,7 @@ from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, apply_cut, exact_count, scored_modules, set_fade, soft_count
+from soco.scores import ScoredLinear, apply_cut, exact_count, scored_modules, soft_count
 
 
 def _tiny_scored_model(tiny_llama):
@@ -67,8 +67,7 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
             m.out_scale.copy_(0.5 + torch.rand(m.out_features, generator=g))
     mods = scored_modules(model)
     keep = {n: torch.nonzero(m.score.detach().abs() >= 0.5).flatten() for n, m in mods.items()}
-    apply_cut(mods, keep)
-    set_fade(model, 0.0)  # the pruned components contribute exactly nothing
+    apply_cut(mods, keep)  # the pruned components contribute exactly nothing
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
     with torch.no_grad():
         scored = model(ids).logits
@@ -84,20 +83,23 @@ def test_schedule_switching_rules():
     s = ThreeStageSchedule(cfg)
     assert s.after_step(soft_count=120.0, target=100.0) == Stage.COARSE
     assert s.after_step(soft_count=100.0, target=100.0) == Stage.REFINE  # reached the budget
-    assert s.state.boundaries == [2] and s.hardness() == 0.0
+    assert s.state.boundaries == [2] and s.prune_target(1000.0, 100.0) is None
     s.after_holdout(1.0)
     s.after_step(99.0, 100.0)
     s.after_holdout(1.5)
     assert s.stage == Stage.REFINE
     s.after_holdout(1.2)  # second evaluation without improvement: early stop
     assert s.stage == Stage.SPARSIFY and s.state.boundaries == [2, 3]
-    assert s.selection_due()  # the caller freezes the final cut at the first sparsification step ...
-    s.state.frozen_at = s.state.step
-    assert not s.selection_due()  # ... once
-    assert 0 < s.hardness() < 1  # and the pruned components fade out over the ramp
+    # gradual pruning: a cubic schedule from all candidates (1000) to exactly the budget (100)
+    targets = [s.prune_target(1000.0, 100.0)]
+    assert targets[0] == pytest.approx(100 + 900 * 0.5 ** 3)  # first of the 2 ramp steps
     s.after_step(99.0, 100.0)
-    assert s.hardness() == 1.0
+    targets.append(s.prune_target(1000.0, 100.0))
+    assert targets[1] == 100.0  # the ramp's last step cuts to the budget
     s.after_step(99.0, 100.0)
+    assert s.prune_target(1000.0, 100.0) is None  # the hard network trains on
+    b, sp = s.penalty(torch.tensor(90.0), 100.0)
+    assert float(b) == 0.0 and float(sp) == 0.0  # the schedule holds the count, not a penalty
     assert s.after_step(99.0, 100.0) == Stage.DONE
     # the coarse stage ends after coarse_max_steps even above the budget
     t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
@@ -115,9 +117,6 @@ def test_schedule_penalties_by_stage():
     s.state.stage = Stage.REFINE
     b, sp = s.penalty(torch.tensor(90.0), 100.0)
     assert float(b) == pytest.approx(0.2) and float(sp) == 0.0  # held from both sides, no sparsity
-    s.state.stage, s.state.frozen_at = Stage.SPARSIFY, 7
-    b, sp = s.penalty(torch.tensor(90.0), 100.0)
-    assert float(b) == 0.0 and float(sp) == 0.0  # the frozen cut holds the budget by itself
 
 
 def test_global_selection_keeps_exactly_the_budget():
@@ -129,6 +128,9 @@ def test_global_selection_keeps_exactly_the_budget():
     assert keep["a"].tolist() == [0, 1] and keep["b"].tolist() == [1] or used == 37
     assert out_of_order_share(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 2])) == 0.5
     assert out_of_order_share(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1])) == 0.0
+    # already pruned components (negative importance) never come back, even where they would fit
+    pruned = select_components({"a": torch.tensor([5.0, -1.0]), "b": torch.tensor([-1.0])}, costs, budget=100)
+    assert pruned["a"].tolist() == [0] and pruned["b"].tolist() == []
 
 
 def test_topk_kl_is_exact_kl_when_k_covers_the_vocabulary():

@@ -6,10 +6,10 @@ Outputs:
   teacher/topk.safetensors      dense top-k log-probs (`logp`) and ids (`idx`) per token
   scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
-                                and `<module>.mask` (0 = pruned by the final cut, which is
-                                made once, at the start of sparsification)
-  scores/best.safetensors       the frozen network's scores at its best held-out KL
-  scores/final.safetensors      the scores kept: the best frozen ones (else the last), with
+                                and `<module>.mask` (0 = pruned by sparsification's gradual
+                                pruning; the last ramp step leaves exactly the final cut)
+  scores/best.safetensors       the hard network's scores at its best held-out KL after the final cut
+  scores/final.safetensors      the scores kept: those best ones (else the last), with
                                 the whole run's state and curve
   learned/layer-00012.safetensors kept components with the scores folded in, in the factors
                                 contract (`<linear>.U/.sigma/.Vt`), read by assemble
@@ -31,7 +31,7 @@ from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
 from soco.objective import SoCoObjective, teacher_topk
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, apply_cut, scored_modules, set_fade
+from soco.scores import ScoredLinear, apply_cut, scored_modules
 
 from ..layerwise import Batch, LayerwiseModel
 from ..model_io import ModelSource, build_skeleton, find_layers, materialise
@@ -168,7 +168,7 @@ def train_worker(conf: dict[str, Any]) -> None:
             for key, v in saved.items():
                 if not key.endswith(".mask"):
                     trained[key].copy_(v)
-        if state.frozen_at >= 0:  # resumed after the cut: the same components stay pruned
+        if state.stage >= Stage.SPARSIFY:  # resumed while pruning: the same components stay pruned
             apply_cut(mods, {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in mods})
     sched = ThreeStageSchedule(ScheduleConfig(**conf["schedule"]), state)
     objective = SoCoObjective(model)
@@ -204,20 +204,23 @@ def train_worker(conf: dict[str, Any]) -> None:
         if rank == 0:
             save_scores(store, rel, values, sched.state, curve)
 
-    def freeze() -> None:
-        # the final global cut, made once: pruned components are masked out for good
+    candidates = float(sum(m.rank * m.cost for m in mods.values()))
+
+    def prune(keep_params: float) -> None:
+        # keep the largest |score| among the components still alive, within keep_params
         with zero.gathered(score_params):
-            importance = {n: m.score.detach().abs() for n, m in mods.items()}
-        apply_cut(mods, select_components(importance, {n: m.cost for n, m in mods.items()}, int(target),
+            importance = {n: torch.where(m.mask > 0, m.score.detach().abs(), -1.0) for n, m in mods.items()}
+        apply_cut(mods, select_components(importance, {n: m.cost for n, m in mods.items()}, int(keep_params),
                                           conf["min_rank"]))
-        sched.state.frozen_at = sched.state.step
 
     t0 = time.perf_counter()
     while sched.stage != Stage.DONE and sched.state.step < conf["max_steps"]:
         step = sched.state.step
-        if sched.selection_due():
-            freeze()
-        set_fade(model, 1.0 - sched.hardness())  # the pruned components vanish over the ramp
+        keep_params = sched.prune_target(candidates, target)
+        if keep_params is not None:  # gradual pruning; the ramp's last step cuts to the budget
+            prune(keep_params)
+            if keep_params <= target:
+                sched.state.frozen_at = step + 1
         factor = 1.0 if sched.stage == Stage.COARSE else conf["refine_lr_factor"]
         for group, base in zip(eng.optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
@@ -226,21 +229,20 @@ def train_worker(conf: dict[str, Any]) -> None:
         budget, sparsity = sched.penalty(soft, target)
         eng.backward(kl + budget + sparsity)
         eng.step()
-        soft_v = float(soft.detach())  # after the cut: exactly the kept parameters
+        soft_v = float(soft.detach())  # once pruning starts: exactly the kept parameters
         kl_v = all_mean(float(kl.detach()))
         stage_before = sched.stage
         sched.after_step(soft_v, target)
         entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
-                 "budget": float(budget.detach()), "hardness": sched.hardness() if sched.stage == stage_before else None,
+                 "budget": float(budget.detach()),
                  "seconds": round(time.perf_counter() - t0, 2)}
         if hold_ids and ((step + 1) % conf["eval_every"] == 0 or sched.stage == Stage.DONE):
-            set_fade(model, 0.0)  # once the cut is frozen, evaluate the network that will be saved
             with torch.no_grad():
                 hk = all_mean(float(run(hold_ids[rank::world])[0]))
             entry["holdout_kl"] = hk
             sched.after_holdout(hk)
             if sched.state.frozen_at >= 0 and hk < sched.state.frozen_best:
-                # the frozen network's best held-out scores are the ones kept
+                # after the final cut: the best held-out scores of the hard network are kept
                 sched.state.frozen_best, sched.state.best_step = hk, step + 1
                 curve.append(entry)
                 checkpoint(BEST_SCORES)
@@ -326,7 +328,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     scores = {k[: -len(".score")]: v for k, v in saved.items() if k.endswith(".score")}
     budget = budget_params(plan, ratio)
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
-    if state.frozen_at >= 0:  # training froze the final cut: keep exactly the unmasked components
+    if state.frozen_at >= 0:  # training made the final cut: keep exactly the unmasked components
         keep = {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in plan.ranks}
     else:  # stopped before the freeze (max_steps): make the cut from the scores
         importance = {n: scores[n].abs() for n in plan.ranks}
