@@ -20,7 +20,8 @@ def _save(store, rel: str, fig) -> None:
 
 
 def plot_learning(store, curve: list[dict], boundaries: list[int], scores: dict[str, torch.Tensor], plan,
-                  final_ranks: dict[str, int], keep: dict[str, torch.Tensor], layers_name: str) -> None:
+                  final_ranks: dict[str, int], keep: dict[str, torch.Tensor], layers_name: str,
+                  frozen_at: int = -1) -> None:
     # 1. training curve
     steps = [e["step"] for e in curve]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -34,9 +35,12 @@ def plot_learning(store, curve: list[dict], boundaries: list[int], scores: dict[
     ax2 = ax.twinx()
     target = store.read_json("learn.json")["budget_params"] if store.exists("learn.json") else None
     soft = [e["soft_count"] / target if target else e["soft_count"] for e in curve]
-    ax2.plot(steps, soft, color="tab:red", lw=1, label="soft count / budget")
-    ax2.set_ylabel("soft parameter count / budget", color="tab:red")
-    for b, name in zip(boundaries, ["refine", "sparsify", "done"]):
+    ax2.plot(steps, soft, color="tab:red", lw=1, label="parameter count / budget")
+    ax2.set_ylabel("parameter count / budget (soft; exact once pruning starts)", color="tab:red")
+    marks = list(zip(boundaries, ["refine", "sparsify", "done"]))
+    if frozen_at > 0:
+        marks.append((frozen_at, "final cut"))
+    for b, name in marks:
         ax.axvline(b, color="gray", ls="--", lw=0.8)
         ax.text(b, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="gray")
     ax.legend(loc="upper right", fontsize=8)

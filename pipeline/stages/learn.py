@@ -364,7 +364,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     store.write_json("plan.json", final_plan.to_json())
     try:
         from ..plots import plot_learning
-        plot_learning(store, curve, state.boundaries, scores, plan, final_ranks, keep, layers_name)
+        plot_learning(store, curve, state.boundaries, scores, plan, final_ranks, keep, layers_name, state.frozen_at)
     except Exception as e:  # noqa: BLE001 - a missing plot must not lose a finished training
         print(f"soco: warning: plots not written: {e}")
     return summary
