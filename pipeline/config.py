@@ -60,7 +60,7 @@ class SocoConfig:
     max_steps: int = 300  # hard cap over all three stages
     coarse_max_steps: int = 200
     refine_steps: int = 30
-    sparsify_steps: int = 40
+    sparsify_steps: int = 100  # cap; the hard network's training stops on the held-out KL (patience)
     sparsify_ramp: int = 20  # of which the first ones prune gradually down to the budget
     patience: int = 2
     budget_weight: float = 5.0

@@ -19,9 +19,10 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    the end), so the network adapts to each cut before the next and the ranking is re-read
    from the scores as they adapt. A pruned component's output is exactly zero and it never
    returns (its mask is 0). The last ramp step makes the final cut (the budget, every
-   matrix keeping its minimum rank); the remaining steps train the hard network that will
-   be saved, and the caller keeps the scores of its best held-out evaluation. No budget
-   or sparsity term in this stage: the pruning schedule holds the count. Then DONE.
+   matrix keeping its minimum rank); then the hard network that will be saved trains on
+   until its held-out KL has not improved for `patience` evaluations (or `sparsify_steps`
+   in the stage), and the caller keeps the scores of its best held-out evaluation. No
+   budget or sparsity term in this stage: the pruning schedule holds the count. Then DONE.
 
 After DONE the caller folds the kept components' scores into the factors.
 """
@@ -47,9 +48,9 @@ class ScheduleConfig:
     tolerance: float = 0.0  # stage 1 ends when soft <= target * (1 + tolerance)
     coarse_max_steps: int = 200
     refine_steps: int = 60
-    sparsify_steps: int = 40
+    sparsify_steps: int = 100  # cap: the hard network's training usually stops earlier, on the held-out KL
     sparsify_ramp: int = 20  # steps of gradual pruning down to the budget; the rest train the hard network
-    patience: int = 3  # held-out evaluations without improvement that end refinement early
+    patience: int = 3  # held-out evaluations without improvement that end refinement, and the hard training
 
 
 @dataclass
@@ -134,15 +135,25 @@ class ThreeStageSchedule:
             self._switch(Stage.DONE)
         return s.stage
 
-    def after_holdout(self, kl: float) -> Stage:
-        """Early stopping of refinement on the held-out KL."""
+    def after_holdout(self, kl: float) -> bool:
+        """Held-out KL rules: early stopping of refinement, and of the hard network's training
+        once the final cut is made (`frozen_at`); returns True when `kl` is the hard network's
+        best so far, whose scores the caller keeps."""
         s = self.state
-        if s.stage != Stage.REFINE:
-            return s.stage
-        if kl < s.best_holdout - 1e-4:
-            s.best_holdout, s.bad_evals = kl, 0
-        else:
-            s.bad_evals += 1
-            if s.bad_evals >= self.cfg.patience:
-                self._switch(Stage.SPARSIFY)
-        return s.stage
+        if s.stage == Stage.REFINE:
+            if kl < s.best_holdout - 1e-4:
+                s.best_holdout, s.bad_evals = kl, 0
+            else:
+                s.bad_evals += 1
+                if s.bad_evals >= self.cfg.patience:
+                    self._switch(Stage.SPARSIFY)
+            return False
+        if s.stage not in (Stage.SPARSIFY, Stage.DONE) or s.frozen_at < 0 or s.step < s.frozen_at:
+            return False
+        best = kl < s.frozen_best
+        s.bad_evals = 0 if kl < s.frozen_best - 1e-4 else s.bad_evals + 1
+        if best:
+            s.frozen_best, s.best_step = kl, s.step
+        if s.stage == Stage.SPARSIFY and s.bad_evals >= self.cfg.patience:
+            self._switch(Stage.DONE)
+        return best

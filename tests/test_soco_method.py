@@ -8,7 +8,7 @@ from soco.allocate import out_of_order_share, select_components
 from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, teacher_topk, topk_kl
-from soco.schedule import ScheduleConfig, Stage, ThreeStageSchedule
+from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import ScoredLinear, apply_cut, exact_count, scored_modules, soft_count
 
 
@@ -79,7 +79,7 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
 
 
 def test_schedule_switching_rules():
-    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=3, sparsify_ramp=2, patience=2)
+    cfg = ScheduleConfig(coarse_max_steps=100, refine_steps=3, sparsify_steps=6, sparsify_ramp=2, patience=2)
     s = ThreeStageSchedule(cfg)
     assert s.after_step(soft_count=120.0, target=100.0) == Stage.COARSE
     assert s.after_step(soft_count=100.0, target=100.0) == Stage.REFINE  # reached the budget
@@ -96,11 +96,20 @@ def test_schedule_switching_rules():
     s.after_step(99.0, 100.0)
     targets.append(s.prune_target(1000.0, 100.0))
     assert targets[1] == 100.0  # the ramp's last step cuts to the budget
+    s.state.frozen_at = s.state.step + 1  # (the caller records the final cut)
     s.after_step(99.0, 100.0)
     assert s.prune_target(1000.0, 100.0) is None  # the hard network trains on
     b, sp = s.penalty(torch.tensor(90.0), 100.0)
     assert float(b) == 0.0 and float(sp) == 0.0  # the schedule holds the count, not a penalty
-    assert s.after_step(99.0, 100.0) == Stage.DONE
+    assert s.after_holdout(0.9) and s.state.best_step == s.state.step  # best so far: keep its scores
+    s.after_step(99.0, 100.0)
+    assert not s.after_holdout(0.95) and s.stage == Stage.SPARSIFY
+    s.after_step(99.0, 100.0)
+    assert not s.after_holdout(0.91) and s.stage == Stage.DONE  # patience 2: the hard training stops
+    assert s.state.frozen_best == 0.9
+    u = ThreeStageSchedule(ScheduleConfig(sparsify_steps=2), ScheduleState(stage=Stage.SPARSIFY, step=10, stage_start=10))
+    u.after_step(1.0, 1.0)
+    assert u.after_step(1.0, 1.0) == Stage.DONE  # without early stopping: after sparsify_steps
     # the coarse stage ends after coarse_max_steps even above the budget
     t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
     t.after_step(200.0, 100.0)

@@ -240,13 +240,8 @@ def train_worker(conf: dict[str, Any]) -> None:
             with torch.no_grad():
                 hk = all_mean(float(run(hold_ids[rank::world])[0]))
             entry["holdout_kl"] = hk
-            sched.after_holdout(hk)
-            if sched.state.frozen_at >= 0 and hk < sched.state.frozen_best:
-                # after the final cut: the best held-out scores of the hard network are kept
-                sched.state.frozen_best, sched.state.best_step = hk, step + 1
-                curve.append(entry)
+            if sched.after_holdout(hk):  # the hard network's best so far: its scores are the ones kept
                 checkpoint(BEST_SCORES)
-                curve.pop()
         curve.append(entry)
         if conf["progress"] and rank == 0:
             print(f"learn step {step + 1} stage {int(stage_before)} kl {kl_v:.4f} soft/target {soft_v / target:.4f}"
