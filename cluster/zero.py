@@ -45,7 +45,9 @@ def init_distributed() -> int:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    # also when torch's group exists (Ray Train): DeepSpeed's comm layer must wrap it, or
+    # zero.Init would see a world of one
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     return dist.get_world_size()
 
 
