@@ -248,7 +248,7 @@ def train_worker(conf: dict[str, Any]) -> None:
                   + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
         if sched.state.step % conf["checkpoint_every"] == 0:
             checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
-    if sched.state.best_step > 0 and rank == 0:  # the best frozen scores, with the whole curve and state
+    if sched.state.best_step > 0 and rank == 0:  # the hard network's best scores, with the whole curve and state
         best, _, _ = load_scores(store, BEST_SCORES)
         save_scores(store, FINAL_SCORES, best, sched.state, curve)
     elif sched.state.best_step <= 0:
@@ -325,8 +325,8 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
     if state.frozen_at >= 0:  # training made the final cut: keep exactly the unmasked components
         keep = {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in plan.ranks}
-    else:  # stopped before the freeze (max_steps): make the cut from the scores
-        importance = {n: scores[n].abs() for n in plan.ranks}
+    else:  # stopped (max_steps) before the final cut: make it from the scores of the unpruned
+        importance = {n: torch.where(saved[f"{n}.mask"] > 0, scores[n].abs(), -1.0) for n in plan.ranks}
         keep = select_components(importance, costs, budget, min_ranks(plan, ratio, min_rank_fraction))
     shares, final_ranks = {}, {}
     for i in range(n_layers):
