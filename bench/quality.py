@@ -84,8 +84,9 @@ def soco_evidence(run: Path, results: Path, ratio: float) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     for png in (run / "plots").glob("*.png"):
         shutil.copy(png, dest / png.name)
-    return {k: learn[k] for k in ("steps", "stage_boundaries", "train_seconds", "out_of_order_share",
-                                  "matrices_with_zero_out_of_order", "budget_params", "kept_params")}
+    return {k: learn.get(k) for k in ("steps", "stage_boundaries", "frozen_at", "best_step", "best_holdout_kl",
+                                      "train_seconds", "out_of_order_share", "matrices_with_zero_out_of_order",
+                                      "budget_params", "kept_params")}
 
 
 def fmt(x: float) -> str:
