@@ -23,7 +23,7 @@ def soft_gate(s: torch.Tensor) -> torch.Tensor:
 
 
 class ScoredLinear(nn.Module):
-    """y = out * (((in * x) Vt^T) * (s * sigma * on * mask)) U^T (+ b); `score` trains, and the
+    """y = out * (((in * x) Vt^T) * (s * sigma * mask)) U^T (+ b); `score` trains, and the
     channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on.
 
     `mask` (a buffer) marks the components pruned (0): they contribute exactly nothing.
@@ -44,7 +44,7 @@ class ScoredLinear(nn.Module):
         self.in_scale = nn.Parameter(torch.ones(self.in_features, dtype=U.dtype), requires_grad=False)
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
-        self.hard = False  # True once the final cut is applied: gates are the mask
+        self.hard = False  # True once pruning has started (apply_cut): gates are the mask
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
 
     @property
