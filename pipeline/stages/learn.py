@@ -262,7 +262,8 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
     workers = max(1, s.workers)
     import os
     threads = s.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-    return {"run": store.url(), "model": cfg.model, "seed": s.seed, "threads": threads, "lr": s.lr,
+    # a local run folder by absolute path: Ray Train workers run in their own directory
+    return {"run": store.base if store.local else store.url(), "model": cfg.model, "seed": s.seed, "threads": threads, "lr": s.lr,
             "zero_stage": s.zero_stage, "batch_size": s.batch_size, "holdout": s.holdout_samples,
             "eval_every": s.eval_every, "checkpoint_every": s.checkpoint_every, "max_steps": s.max_steps,
             "target": float(budget_params(plan, cfg.compress.ratio)), "resume": resume, "progress": progress,
