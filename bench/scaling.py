@@ -42,10 +42,6 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "scaling"))
     a = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray starts its workers at niceness +15 (to keep raylet and GCS responsive); on a shared
-    # machine that alone would let any other job starve them. The in-process reference runs
-    # at the caller's priority, so the Ray workers here do too.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from cluster import ray_runtime

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from soco.ranks import candidate_rank
+from soco.ranks import candidate_rank, coarse_ratio
 
 # Llama-3-70B shapes
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 8192, 28672, 80, 64, 8, 128256
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--link-gbps", type=float, default=300.0, help="effective all-gather bandwidth per GPU, GB/s")
     a = ap.parse_args()
     GB = 1e9
-    c = a.coarse_ratio if a.coarse_ratio is not None else 1 - 2 * (1 - a.ratio)
+    c = coarse_ratio(a.coarse_ratio, a.ratio)
     dense_linear = LAYERS * sum(m * n for m, n in linear_shapes())
     coarse = LAYERS * sum(candidate_rank(m, n, c) * (m + n) for m, n in linear_shapes())
     scores = LAYERS * sum(candidate_rank(m, n, c) for m, n in linear_shapes())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from soco.ranks import RankError, lowrank_params, uniform_rank
+from soco.ranks import RankError, candidate_rank, lowrank_params, uniform_rank
 
 from .errors import UserError
 from .model_io import find_layers, linear_names
@@ -65,3 +65,12 @@ def uniform_plan(model: nn.Module, method: str, ratio: float) -> Plan:
         except RankError as e:
             raise UserError(f"{name}: {e}") from None
     return Plan(method, ratio, ranks, shapes)
+
+
+def coarse_plan(model: nn.Module, coarse: float) -> Plan:
+    """SoCo's candidates: svd-llm ranks floor((1 - coarse) mn / (m + n)), capped at full rank
+    min(m, n): a coarse ratio <= 0 keeps at least the dense count's worth of components."""
+    if coarse > 0:
+        return uniform_plan(model, "svd-llm", coarse)
+    shapes = decoder_linears(model)
+    return Plan("svd-llm", coarse, {n: candidate_rank(m, k, coarse) for n, (m, k) in shapes.items()}, shapes)

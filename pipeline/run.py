@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cluster.storage import Storage
+from soco.ranks import coarse_ratio
 
 from .checkpoint import compressed_skeleton, write_checkpoint
 from .config import Config
@@ -25,7 +26,7 @@ from .errors import UserError
 from .layerwise import LayerwiseModel
 from .manifest import STAGES, Manifest
 from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
-from .plan import Plan, uniform_plan
+from .plan import Plan, coarse_plan, uniform_plan
 from .stages.calibrate import run_calibrate
 from .stages.decompose import load_layer_factors, run_decompose
 from .stages.evaluate import perplexity, stored_params, write_report
@@ -42,24 +43,6 @@ def decomposition_plan(cfg: Config, model) -> Plan:
         return uniform_plan(model, cfg.compress.method, cfg.compress.ratio)
     uniform_plan(model, "soco", cfg.compress.ratio)  # refuses a target ratio no matrix can meet
     return coarse_plan(model, coarse_ratio(cfg.soco.coarse_ratio, cfg.compress.ratio))
-
-
-def coarse_ratio(configured: float | None, ratio: float) -> float:
-    """The pre-truncation's removal ratio: as configured, else 1 - 2(1 - ratio). Twice the
-    budget leaves the learned selection free to drop half of the candidates of any matrix
-    (a pool barely above the budget makes SoCo little more than svd-llm's truncation)."""
-    return configured if configured is not None else 1.0 - 2.0 * (1.0 - ratio)
-
-
-def coarse_plan(model, coarse: float) -> Plan:
-    """Rank floor((1 - coarse) mn / (m + n)) per matrix, capped at full rank min(m, n): a
-    coarse ratio <= 0 keeps at least the dense count's worth of components as candidates."""
-    from .plan import decoder_linears
-    if coarse > 0:
-        return uniform_plan(model, "svd-llm", coarse)
-    from soco.ranks import candidate_rank
-    shapes = decoder_linears(model)
-    return Plan("svd-llm", coarse, {n: candidate_rank(m, k, coarse) for n, (m, k) in shapes.items()}, shapes)
 
 
 def set_threads(n: int) -> None:

@@ -56,3 +56,10 @@ def candidate_rank(m: int, n: int, coarse: float) -> int:
     negative (candidates worth more than the dense matrix): floor((1-coarse)mn/(m+n)), at
     most the full rank min(m, n)."""
     return max(1, min(m, n, math.floor((1.0 - coarse) * m * n / (m + n))))
+
+
+def coarse_ratio(configured: float | None, ratio: float) -> float:
+    """SoCo's pre-truncation removal ratio: as configured, else 1 - 2(1 - ratio). Twice the
+    budget leaves the learned selection free to drop half of the candidates of any matrix
+    (a pool barely above the budget makes SoCo little more than svd-llm's truncation)."""
+    return configured if configured is not None else 1.0 - 2.0 * (1.0 - ratio)

@@ -155,7 +155,8 @@ def test_topk_kl_is_exact_kl_when_k_covers_the_vocabulary():
 def test_coarse_pool_is_twice_the_budget_capped_at_full_rank(tiny_llama):
     """The default candidates: svd-llm factors worth 2x the budget, no matrix above full rank."""
     from transformers import AutoModelForCausalLM
-    from pipeline.run import coarse_plan, coarse_ratio
+    from pipeline.plan import coarse_plan
+    from soco.ranks import coarse_ratio
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     assert coarse_ratio(None, 0.8) == pytest.approx(0.6) and coarse_ratio(0.1, 0.4) == 0.1
     loose = coarse_plan(model, coarse_ratio(None, 0.8))  # 2 x 20% of the dense count
