@@ -44,7 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cluster.ray_runtime import calib_workers, ensure_ray, max_in_flight, task_options
-from cluster.storage import Storage, is_local, local_path
+from cluster.storage import Storage, local_path
+from pipeline.model_io import worker_location
 
 # --------------------------------------------------------------------------- worker side
 
@@ -108,17 +109,6 @@ def _note(result: dict) -> dict:
     if pid is not None and mb is not None:
         WORKER_PEAK_RSS_MB[pid] = max(WORKER_PEAK_RSS_MB.get(pid, 0.0), mb)
     return result
-
-
-def _location(loc: str) -> str:
-    """A location every worker resolves the same way (absolute for local paths)."""
-    if loc.startswith("bundled:") or not is_local(loc):
-        return loc
-    return os.path.abspath(local_path(loc))
-
-
-def _run_url(store: Storage) -> str:
-    return store.path() if store.local else store.url()
 
 
 @ray.remote
@@ -309,7 +299,7 @@ def ray_decompose(cfg, store: Storage, plan_rel: str, layers_name: str, n_layers
     """Decompose every layer as a Ray task; the plan (committed at `plan_rel`) gives the method and ranks."""
     ensure_ray(cfg.ray)
     fn = decompose_task.options(**task_options())
-    ctx, loc, url, alpha = _context(), _location(cfg.model), _run_url(store), cfg.compress.asvd_alpha
+    ctx, loc, url, alpha = _context(), worker_location(cfg.model), store.worker_url(), cfg.compress.asvd_alpha
     return _bounded(lambda i: fn.remote(ctx, loc, url, plan_rel, layers_name, i, alpha), range(n_layers),
                     max_in_flight(cfg.ray),
                     f"decompose ({cfg.compress.method}, ray)", progress)
@@ -377,9 +367,9 @@ def ray_calibrate(cfg, calib: torch.Tensor, store: Storage, progress: bool = Tru
     """Data-parallel calibration: calib/layer-*.safetensors equal to the in-process stage's (float tolerance)."""
     ensure_ray(cfg.ray)
     n = calib_workers(cfg.ray, calib.shape[0])
-    url = _run_url(store)
+    url = store.worker_url()
     with _Workers(n) as w:
-        n_layers = w.load(_location(cfg.model), False, cfg.run.dtype, calib, cfg.data.batch_size)
+        n_layers = w.load(worker_location(cfg.model), False, cfg.run.dtype, calib, cfg.data.batch_size)
         head = w.actors[0]
         in_flight: list[ray.ObjectRef] = []
         for i in tqdm(range(n_layers), desc=f"calibrate (ray, {n} workers)", unit="layer", disable=not progress):
@@ -400,11 +390,11 @@ def ray_perplexities(cfg, store: Storage, windows: torch.Tensor, progress: bool 
     n = calib_workers(cfg.ray, windows.shape[0])
     bs = cfg.data.batch_size
     with _Workers(n) as w:
-        n_layers = w.load(_run_url(store) + "/checkpoint", True, cfg.run.dtype, windows, bs)
+        n_layers = w.load(store.worker_url() + "/checkpoint", True, cfg.run.dtype, windows, bs)
         ppl_c = w.forward_all(n_layers, f"evaluate compressed (ray, {n} workers)", progress)
         ppl_d = None
         if cfg.run.eval_dense:
-            n_layers = w.load(_location(cfg.model), False, cfg.run.dtype, windows, bs)
+            n_layers = w.load(worker_location(cfg.model), False, cfg.run.dtype, windows, bs)
             ppl_d = w.forward_all(n_layers, f"evaluate dense (ray, {n} workers)", progress)
     return ppl_c, ppl_d
 
@@ -509,9 +499,9 @@ def ray_write_checkpoint(cfg, source, plan, soco: dict[str, Any], load_factors: 
         store.rm(rel)  # as Storage.put_dir does: the index, written last, marks a complete checkpoint
         out = Storage(store.url(rel))
     try:
-        ctx, loc, url, dname = _context(), _location(cfg.model), _run_url(store), str(dtype).replace("torch.", "")
+        ctx, loc, url, dname = _context(), worker_location(cfg.model), store.worker_url(), str(dtype).replace("torch.", "")
         fn = shard_task.options(**task_options())
-        _bounded(lambda k: fn.remote(ctx, loc, url, dname, shards[k], _run_url(out), names[k], load_factors), range(n),
+        _bounded(lambda k: fn.remote(ctx, loc, url, dname, shards[k], out.worker_url(), names[k], load_factors), range(n),
                  max_in_flight(cfg.ray), "assemble (ray, shards)", progress)
         c = source.config.to_dict()
         c["soco"] = soco | {"format": FORMAT}

@@ -44,6 +44,11 @@ class Storage:
     def url(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
+    def worker_url(self) -> str:
+        """The folder as every process resolves it, whatever its working directory (Ray tasks
+        and Ray Train workers start elsewhere): the absolute path when local, else the URL."""
+        return self.path() if self.local else self.url()
+
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self.path(rel))
 

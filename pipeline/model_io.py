@@ -24,6 +24,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
+def worker_location(location: str) -> str:
+    """A model location every process resolves the same way, whatever its working directory
+    (Ray tasks and Ray Train workers start elsewhere): absolute for a local path; URLs and
+    `bundled:` names unchanged."""
+    if location.startswith("bundled:") or not is_local(location):
+        return location
+    return os.path.abspath(local_path(location))
+
+
 class ModelSource:
     """A model folder (local path, fsspec URL or `bundled:NAME`) and its weight index.
 

@@ -117,13 +117,14 @@ def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text
         assert torch.allclose(part(ids).logits, plain(ids).logits, atol=1e-5)
 
 
-def test_learn_workers_get_the_run_folder_by_absolute_path(tmp_path, monkeypatch, tiny_llama, text_file):
-    """Ray Train workers start in a directory of their own: a relative `output` must reach
-    them as an absolute path, or they look for the factors in the wrong place."""
+def test_learn_workers_get_the_run_folder_by_absolute_path(monkeypatch, tiny_llama, text_file):
+    """Ray Train workers start in a directory of their own: a relative `output` (and model)
+    must reach them as absolute paths, or they look for the factors in the wrong place."""
     from cluster.storage import Storage
     from pipeline.plan import Plan
     from pipeline.stages.learn import learn_settings
-    monkeypatch.chdir(tmp_path)
-    cfg = soco_config(tiny_llama, "relative-run", text_file)
+    monkeypatch.chdir(tiny_llama.parent)
+    cfg = soco_config(tiny_llama.name, "relative-run", text_file)
     conf = learn_settings(cfg, Plan("svd-llm", 0.0), Storage(cfg.output), resume=False, progress=False)
-    assert conf["run"] == str(tmp_path / "relative-run")
+    assert conf["run"] == str(tiny_llama.parent / "relative-run")
+    assert conf["model"] == str(tiny_llama)

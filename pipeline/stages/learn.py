@@ -34,7 +34,7 @@ from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedu
 from soco.scores import ScoredLinear, apply_cut, scored_modules
 
 from ..layerwise import Batch, LayerwiseModel
-from ..model_io import ModelSource, build_skeleton, find_layers, materialise
+from ..model_io import ModelSource, build_skeleton, find_layers, materialise, worker_location
 from ..plan import Plan
 from .calibrate import FINAL_HIDDEN_FILE, WINDOWS_FILE
 from .decompose import load_factor_file, load_layer_factors
@@ -262,8 +262,7 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
     workers = max(1, s.workers)
     import os
     threads = s.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-    # a local run folder by absolute path: Ray Train workers run in their own directory
-    return {"run": store.base if store.local else store.url(), "model": cfg.model, "seed": s.seed, "threads": threads, "lr": s.lr,
+    return {"run": store.worker_url(), "model": worker_location(cfg.model), "seed": s.seed, "threads": threads, "lr": s.lr,
             "zero_stage": s.zero_stage, "batch_size": s.batch_size, "holdout": s.holdout_samples,
             "eval_every": s.eval_every, "checkpoint_every": s.checkpoint_every, "max_steps": s.max_steps,
             "target": float(budget_params(plan, cfg.compress.ratio)), "resume": resume, "progress": progress,
