@@ -61,7 +61,7 @@ class ScheduleState:
     best_holdout: float = float("inf")
     bad_evals: int = 0
     boundaries: list[int] = field(default_factory=list)  # steps at which stages 2, 3, DONE began
-    frozen_at: int = -1  # step after which the final cut holds (-1: not made yet)
+    frozen_at: int = -1  # the step that made the final cut, set by after_step (-1: not yet)
     frozen_best: float = float("inf")  # best held-out KL of the frozen network ...
     best_step: int = -1  # ... and the step whose scores gave it (-1: none yet)
 
@@ -102,9 +102,9 @@ class ThreeStageSchedule:
 
     def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(budget term, sparsity term) for this stage."""
-        excess = soft / target - 1.0
         if self.stage >= Stage.SPARSIFY:  # the pruning schedule holds the count
             return soft.new_zeros(()), soft.new_zeros(())
+        excess = soft / target - 1.0
         if self.stage == Stage.COARSE:
             budget = self.cfg.budget_weight * torch.relu(excess)
         else:
@@ -126,6 +126,8 @@ class ThreeStageSchedule:
         s = self.state
         s.step += 1
         in_stage = s.step - s.stage_start
+        if s.stage == Stage.SPARSIFY and in_stage == max(1, self.cfg.sparsify_ramp):
+            s.frozen_at = s.step  # the step just taken made the final cut (prune_target == budget)
         if s.stage == Stage.COARSE and (soft_count <= target * (1 + self.cfg.tolerance)
                                         or in_stage >= self.cfg.coarse_max_steps):
             self._switch(Stage.REFINE)
@@ -148,7 +150,7 @@ class ThreeStageSchedule:
                 if s.bad_evals >= self.cfg.patience:
                     self._switch(Stage.SPARSIFY)
             return False
-        if s.stage not in (Stage.SPARSIFY, Stage.DONE) or s.frozen_at < 0 or s.step < s.frozen_at:
+        if s.stage not in (Stage.SPARSIFY, Stage.DONE) or s.frozen_at < 0:
             return False
         best = kl < s.frozen_best
         s.bad_evals = 0 if kl < s.frozen_best - 1e-4 else s.bad_evals + 1

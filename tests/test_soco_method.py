@@ -96,8 +96,8 @@ def test_schedule_switching_rules():
     s.after_step(99.0, 100.0)
     targets.append(s.prune_target(1000.0, 100.0))
     assert targets[1] == 100.0  # the ramp's last step cuts to the budget
-    s.state.frozen_at = s.state.step + 1  # (the caller records the final cut)
     s.after_step(99.0, 100.0)
+    assert s.state.frozen_at == s.state.step  # the schedule records the step that made the final cut
     assert s.prune_target(1000.0, 100.0) is None  # the hard network trains on
     b, sp = s.penalty(torch.tensor(90.0), 100.0)
     assert float(b) == 0.0 and float(sp) == 0.0  # the schedule holds the count, not a penalty

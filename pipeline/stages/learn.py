@@ -123,6 +123,11 @@ def load_scores(store: Storage, rel: str) -> tuple[dict[str, torch.Tensor], Sche
     return t, ScheduleState.from_dict(json.loads(meta["state"])), json.loads(meta["curve"])
 
 
+def saved_keep(saved: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """Indices of the components a score checkpoint's masks keep, per matrix."""
+    return {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in names}
+
+
 def trained_tensors(mods: dict[str, ScoredLinear], scales: bool) -> dict[str, torch.Tensor]:
     """The trainable tensors of the scored modules by checkpoint name."""
     parts = TRAINED_PARTS if scales else TRAINED_PARTS[:1]
@@ -169,7 +174,7 @@ def train_worker(conf: dict[str, Any]) -> None:
                 if not key.endswith(".mask"):
                     trained[key].copy_(v)
         if state.stage >= Stage.SPARSIFY:  # resumed while pruning: the same components stay pruned
-            apply_cut(mods, {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in mods})
+            apply_cut(mods, saved_keep(saved, mods))
     sched = ThreeStageSchedule(ScheduleConfig(**conf["schedule"]), state)
     objective = SoCoObjective(model)
     groups = [{"params": [p for k, p in trained.items() if k.endswith(".score")], "lr": conf["lr"]}]
@@ -204,14 +209,14 @@ def train_worker(conf: dict[str, Any]) -> None:
         if rank == 0:
             save_scores(store, rel, values, sched.state, curve)
 
-    candidates = float(sum(m.rank * m.cost for m in mods.values()))
+    costs = {n: m.cost for n, m in mods.items()}
+    candidates = float(sum(m.rank * costs[n] for n, m in mods.items()))
 
     def prune(keep_params: float) -> None:
         # keep the largest |score| among the components still alive, within keep_params
         with zero.gathered(score_params):
             importance = {n: torch.where(m.mask > 0, m.score.detach().abs(), -1.0) for n, m in mods.items()}
-        apply_cut(mods, select_components(importance, {n: m.cost for n, m in mods.items()}, int(keep_params),
-                                          conf["min_rank"]))
+        apply_cut(mods, select_components(importance, costs, int(keep_params), conf["min_rank"]))
 
     t0 = time.perf_counter()
     while sched.stage != Stage.DONE and sched.state.step < conf["max_steps"]:
@@ -219,8 +224,6 @@ def train_worker(conf: dict[str, Any]) -> None:
         keep_params = sched.prune_target(candidates, target)
         if keep_params is not None:  # gradual pruning; the ramp's last step cuts to the budget
             prune(keep_params)
-            if keep_params <= target:
-                sched.state.frozen_at = step + 1
         factor = 1.0 if sched.stage == Stage.COARSE else conf["refine_lr_factor"]
         for group, base in zip(eng.optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
@@ -248,11 +251,11 @@ def train_worker(conf: dict[str, Any]) -> None:
                   + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
         if sched.state.step % conf["checkpoint_every"] == 0:
             checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
-    if sched.state.best_step > 0 and rank == 0:  # the hard network's best scores, with the whole curve and state
+    if sched.state.best_step <= 0:
+        checkpoint(FINAL_SCORES)
+    elif rank == 0:  # the hard network's best scores, with the whole curve and state
         best, _, _ = load_scores(store, BEST_SCORES)
         save_scores(store, FINAL_SCORES, best, sched.state, curve)
-    elif sched.state.best_step <= 0:
-        checkpoint(FINAL_SCORES)
     zero.finish(destroy=conf.get("launcher") == "ray")
 
 
@@ -324,7 +327,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     budget = budget_params(plan, ratio)
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
     if state.frozen_at >= 0:  # training made the final cut: keep exactly the unmasked components
-        keep = {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in plan.ranks}
+        keep = saved_keep(saved, plan.ranks)
     else:  # stopped (max_steps) before the final cut: make it from the scores of the unpruned
         importance = {n: torch.where(saved[f"{n}.mask"] > 0, scores[n].abs(), -1.0) for n in plan.ranks}
         keep = select_components(importance, costs, budget, min_ranks(plan, ratio, min_rank_fraction))
