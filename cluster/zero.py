@@ -81,6 +81,16 @@ def gathered(params: list[nn.Parameter], modify: bool = False):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
+def full_grad(param: nn.Parameter) -> torch.Tensor:
+    """The whole gradient of `param` after the engine's backward and before its step, however
+    ZeRO partitions it (a collective under stage 3: every rank must call it)."""
+    from deepspeed.utils import safe_get_full_grad
+    g = safe_get_full_grad(param)
+    if g is None:
+        raise RuntimeError("no gradient for a trained parameter: call between backward and step")
+    return g
+
+
 def finish(destroy: bool = True) -> None:
     """Barrier, then tear down the process group (avoids rare aborts at exit of ZeRO-3 ranks).
 

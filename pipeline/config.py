@@ -67,6 +67,8 @@ class SocoConfig:
     sparsity_weight: float = 0.5
     eval_every: int = 5  # steps between held-out KL evaluations
     checkpoint_every: int = 20  # steps between score checkpoints
+    prune_by: str = "fisher"  # sparsification prunes the least important per parameter: fisher | score (|s|)
+    fisher_decay: float = 0.9  # EMA decay of the Fisher importance estimate (soco/importance.py)
     min_rank_fraction: float = 0.1  # every matrix keeps at least this share of its uniform rank
     zero_stage: int = 3  # DeepSpeed ZeRO stage: 2 or 3
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (large models)
@@ -158,6 +160,10 @@ def validate(cfg: Config) -> Config:
                         f"got {sc.coarse_ratio!r}")
     if sc.zero_stage not in (2, 3):
         raise UserError(f"soco.zero_stage must be 2 or 3, got {sc.zero_stage}")
+    if sc.prune_by not in ("fisher", "score"):
+        raise UserError(f"soco.prune_by must be 'fisher' or 'score', got '{sc.prune_by}'")
+    if not 0.0 <= sc.fisher_decay < 1.0:
+        raise UserError(f"soco.fisher_decay must be in [0, 1), got {sc.fisher_decay}")
     if sc.launcher not in ("ray", "local"):
         raise UserError(f"soco.launcher must be 'ray' or 'local', got '{sc.launcher}'")
     for key in ("batch_size", "workers", "topk", "eval_every", "checkpoint_every", "max_steps"):

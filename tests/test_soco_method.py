@@ -165,3 +165,49 @@ def test_coarse_pool_is_twice_the_budget_capped_at_full_rank(tiny_llama):
     wide = coarse_plan(model, coarse_ratio(None, 0.2))  # 2 x 80%: more than the dense count
     assert wide.ranks == {n: min(m, k, int(1.6 * m * k / (m + k))) for n, (m, k) in wide.shapes.items()}
     assert any(r == min(wide.shapes[n]) for n, r in wide.ranks.items())  # some capped at full rank
+
+
+def test_fisher_importance_ranks_by_the_loss_a_removal_costs():
+    """At a least-squares optimum the EMA of (s * dL/ds)^2 orders the components as the loss
+    that removing each one really costs, where |s| does not (the scores are all ~1 here, and
+    the components differ in how much input energy they carry)."""
+    from soco.importance import FisherImportance
+    torch.manual_seed(0)
+    n, r = 12, 6
+    U, _ = torch.linalg.qr(torch.randn(n, r))
+    V, _ = torch.linalg.qr(torch.randn(n, r))
+    sigma = torch.ones(r)
+    energy = torch.tensor([4.0, 0.05, 1.0, 0.2, 2.0, 0.5])  # input variance along each v_i
+    lin = ScoredLinear(U, sigma, V.T)
+    basis = V * energy.sqrt()  # inputs x = basis z: variance energy_i along v_i
+    true_w = U @ V.T
+    fisher = FisherImportance({"m": r}, decay=0.95)
+    for _ in range(400):
+        x = torch.randn(64, r) @ basis.T
+        y = x @ true_w.T + 0.1 * torch.randn(64, n)  # the scores (all 1) are the optimum
+        lin.score.grad = None
+        ((lin(x) - y) ** 2).sum(-1).mean().backward()
+        fisher.update("m", lin.score, lin.score.grad)
+        fisher.step()
+    removal_cost = energy  # E||u_i s_i sigma_i v_i^T x||^2 with unit u_i, s_i, sigma_i
+    est = fisher.per_parameter({"m": lin.cost})["m"]
+    assert torch.equal(torch.argsort(est), torch.argsort(removal_cost))
+    with torch.no_grad():
+        lin.score.copy_(torch.linspace(1.2, 0.8, r))  # |s| would prune the last ones instead
+    assert not torch.equal(torch.argsort(lin.score.abs()), torch.argsort(removal_cost))
+
+
+def test_fisher_importance_state_round_trip_and_bias_correction():
+    from soco.importance import FisherImportance
+    f = FisherImportance({"a": 3, "b": 2}, decay=0.5)
+    f.update("a", torch.tensor([1.0, 2.0, 0.0]), torch.tensor([1.0, 1.0, 5.0]))
+    f.update("b", torch.tensor([1.0, -1.0]), torch.tensor([3.0, 0.0]))
+    f.step()
+    assert torch.allclose(f.estimate("a"), torch.tensor([1.0, 4.0, 0.0]))  # one step: the sample itself
+    per = f.per_parameter({"a": 10, "b": 4})
+    assert torch.allclose(per["b"], torch.tensor([9.0 / 4, 0.0]))
+    g = FisherImportance({"a": 3, "b": 2}, decay=0.5)
+    g.load(f.state())
+    assert g.steps == 1 and torch.equal(g.estimate("a"), f.estimate("a"))
+    with pytest.raises(ValueError):
+        FisherImportance({"a": 1}, decay=1.0)

@@ -95,6 +95,9 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     assert [e["step"] for e in curve] == list(range(1, 13))
     assert curve[:8] == curve8, "the resumed run keeps the history it resumed from"
     assert state.step == 12 and latest_checkpoint(store) == "scores/step-000012.safetensors"
+    # the pruning importance (Fisher EMA) went on from the checkpoint's, not from zero
+    scores12, _, _ = load_scores(store, "scores/step-000012.safetensors")
+    assert int(scores8["fisher.steps"][0]) == 8 and int(scores12["fisher.steps"][0]) == 12
 
 
 def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text_file):

@@ -7,7 +7,9 @@ Outputs:
   scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
                                 and `<module>.mask` (0 = pruned by sparsification's gradual
-                                pruning; the last ramp step leaves exactly the final cut)
+                                pruning; the last ramp step leaves exactly the final cut),
+                                `<module>.fisher` and `fisher.steps` (the pruning importance,
+                                soco/importance.py)
   scores/best.safetensors       the hard network's scores at its best held-out KL after the final cut
   scores/final.safetensors      the scores kept: those best ones (else the last), with
                                 the whole run's state and curve
@@ -29,6 +31,7 @@ from torch import nn
 
 from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
+from soco.importance import FisherImportance
 from soco.objective import SoCoObjective, teacher_topk
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import ScoredLinear, apply_cut, scored_modules
@@ -171,7 +174,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         saved, state, curve = load_scores(store, ckpt)
         with zero.gathered(list(trained.values()), modify=True), torch.no_grad():
             for key, v in saved.items():
-                if not key.endswith(".mask"):
+                if key in trained:
                     trained[key].copy_(v)
         if state.stage >= Stage.SPARSIFY:  # resumed while pruning: the same components stay pruned
             apply_cut(mods, saved_keep(saved, mods))
@@ -206,16 +209,32 @@ def train_worker(conf: dict[str, Any]) -> None:
         with zero.gathered(list(trained.values())):
             values = {k: p.detach().clone() for k, p in trained.items()}
         values.update({f"{n}.mask": m.mask.detach().clone() for n, m in mods.items()})
+        values.update(fisher.state())
         if rank == 0:
             save_scores(store, rel, values, sched.state, curve)
 
     costs = {n: m.cost for n, m in mods.items()}
     candidates = float(sum(m.rank * costs[n] for n, m in mods.items()))
+    fisher = FisherImportance({n: m.rank for n, m in mods.items()}, conf["fisher_decay"])
+    if ckpt is not None:
+        fisher.load(saved)
+
+    def record_importance() -> None:
+        # between backward and step: every rank takes part in gathering the (partitioned) grads
+        grads = {n: zero.full_grad(m.score) for n, m in mods.items()}
+        with zero.gathered(score_params):
+            for n, m in mods.items():
+                fisher.update(n, m.score, grads[n])
+        fisher.step()
 
     def prune(keep_params: float) -> None:
-        # keep the largest |score| among the components still alive, within keep_params
-        with zero.gathered(score_params):
-            importance = {n: torch.where(m.mask > 0, m.score.detach().abs(), -1.0) for n, m in mods.items()}
+        # keep the most important components among those still alive, within keep_params
+        if conf["prune_by"] == "fisher":
+            values = fisher.per_parameter(costs)
+        else:
+            with zero.gathered(score_params):
+                values = {n: m.score.detach().abs() for n, m in mods.items()}
+        importance = {n: torch.where(m.mask > 0, values[n], -1.0) for n, m in mods.items()}
         apply_cut(mods, select_components(importance, costs, int(keep_params), conf["min_rank"]))
 
     t0 = time.perf_counter()
@@ -231,6 +250,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         kl, soft = run([train_ids[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
         eng.backward(kl + budget + sparsity)
+        record_importance()
         eng.step()
         soft_v = float(soft.detach())  # once pruning starts: exactly the kept parameters
         kl_v = all_mean(float(kl.detach()))
@@ -275,7 +295,8 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
                          "sparsify_steps": s.sparsify_steps, "sparsify_ramp": s.sparsify_ramp,
                          "patience": s.patience},
             "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr,
-            "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing}
+            "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing,
+            "prune_by": s.prune_by, "fisher_decay": s.fisher_decay}
 
 
 def min_ranks(plan: Plan, ratio: float, fraction: float) -> dict[str, int]:
@@ -316,11 +337,12 @@ def run_learn(cfg, source: ModelSource, store: Storage, plan: Plan, dtype: torch
     else:
         train_worker(conf)
     train_s = time.perf_counter() - t0
-    return finalize(store, plan, cfg.compress.ratio, cfg.soco.min_rank_fraction, train_s, layers_name, n_layers)
+    return finalize(store, plan, cfg.compress.ratio, cfg.soco.min_rank_fraction, train_s, layers_name, n_layers,
+                    cfg.soco.prune_by)
 
 
 def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float, train_s: float,
-             layers_name: str, n_layers: int) -> dict[str, Any]:
+             layers_name: str, n_layers: int, prune_by: str = "fisher") -> dict[str, Any]:
     """Global selection under the exact budget, folding, learned/ files, plan.json, plots."""
     saved, state, curve = load_scores(store, FINAL_SCORES)
     scores = {k[: -len(".score")]: v for k, v in saved.items() if k.endswith(".score")}
@@ -328,8 +350,12 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
     if state.frozen_at >= 0:  # training made the final cut: keep exactly the unmasked components
         keep = saved_keep(saved, plan.ranks)
-    else:  # stopped (max_steps) before the final cut: make it from the scores of the unpruned
-        importance = {n: torch.where(saved[f"{n}.mask"] > 0, scores[n].abs(), -1.0) for n in plan.ranks}
+    else:  # stopped (max_steps) before the final cut: make it among the unpruned, as pruning does
+        fisher = FisherImportance({n: v.numel() for n, v in scores.items()})
+        fisher.load(saved)
+        values = fisher.per_parameter(costs) if prune_by == "fisher" and fisher.steps else \
+            {n: v.abs() for n, v in scores.items()}
+        importance = {n: torch.where(saved[f"{n}.mask"] > 0, values[n], -1.0) for n in plan.ranks}
         keep = select_components(importance, costs, budget, min_ranks(plan, ratio, min_rank_fraction))
     shares, final_ranks = {}, {}
     for i in range(n_layers):
