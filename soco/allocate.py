@@ -1,8 +1,8 @@
 """Global selection of components under an exact parameter budget.
 
-After training, every component of every matrix has a learned importance (|score|: the
-scores were learned under a cost proportional to each component's parameters, so a
-score that survived is worth its parameters). Components are ranked globally by
+Every component of every matrix has an importance per parameter (by default the Fisher
+estimate of the loss its removal costs over its m + n parameters, soco/importance.py; or
+its |score|). Components are ranked globally by
 importance and added while they fit the budget; a smaller component that still fits is
 taken after a larger one that did not, so the kept count ends within one component of
 the budget and never above it. Each matrix keeps at least `min_rank` components, the

@@ -13,8 +13,10 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    above 1 at no cost). Switch to SPARSIFY after `refine_steps`, or earlier when the
    held-out KL has not improved for `patience` evaluations.
 3. Fine-grained SPARSIFY: gradual pruning to exact zeros. At every step of the first
-   `sparsify_ramp` steps the caller prunes, among the components still alive, those with
-   the smallest learned |score| until the kept parameters fall to `prune_target`: a cubic
+   `sparsify_ramp` steps the caller prunes, among the components still alive, the least
+   important per parameter (soco/importance.py: the Fisher estimate of the loss that
+   removing a component costs, over its m + n parameters) until the kept parameters fall
+   to `prune_target`: a cubic
    schedule from all candidates to exactly the budget (many of the weakest early, few at
    the end), so the network adapts to each cut before the next and the ranking is re-read
    from the scores as they adapt. A pruned component's output is exactly zero and it never
