@@ -61,7 +61,7 @@ class SocoConfig:
     coarse_max_steps: int = 200
     refine_steps: int = 30
     sparsify_steps: int = 100  # cap; the hard network's training stops on the held-out KL (patience)
-    sparsify_ramp: int = 20  # of which the first ones prune gradually down to the budget
+    sparsify_ramp: int = 40  # of which the first ones prune gradually down to the budget (r=0.2: 20 steps 59.8 ppl, 40 steps 58.3)
     patience: int = 2
     budget_weight: float = 5.0
     sparsity_weight: float = 0.5

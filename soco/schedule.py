@@ -51,7 +51,7 @@ class ScheduleConfig:
     coarse_max_steps: int = 200
     refine_steps: int = 60
     sparsify_steps: int = 100  # cap: the hard network's training usually stops earlier, on the held-out KL
-    sparsify_ramp: int = 20  # steps of gradual pruning down to the budget; the rest train the hard network
+    sparsify_ramp: int = 40  # steps of gradual pruning down to the budget; the rest train the hard network
     patience: int = 3  # held-out evaluations without improvement that end refinement, and the hard training
 
 
