@@ -44,6 +44,18 @@ def test_soco_end_to_end_keeps_exact_budget(tmp_path, tiny_llama, text_file):
     assert report["perplexity"]["compressed"] > 1
 
 
+def test_zero2_prunes_by_fisher_like_zero3(tmp_path, tiny_llama, text_file):
+    """Stage 2 keeps the scores' gradients in its own partitioned buffers: the Fisher
+    importance must read them there too, and the run must reach the same exact budget."""
+    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, zero_stage=2), progress=False)
+    learn = json.loads((tmp_path / "run" / "learn.json").read_text())
+    assert learn["kept_params"] <= learn["budget_params"] and learn["frozen_at"] > 0
+    assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
+    saved, state, _ = _final_scores(tmp_path / "run")
+    assert int(saved["fisher.steps"][0]) == state.best_step
+    assert all(float(v.sum()) > 0 for k, v in saved.items() if k.endswith(".fisher"))
+
+
 def _final_scores(run):
     from cluster.storage import Storage
     from pipeline.stages.learn import FINAL_SCORES, load_scores
