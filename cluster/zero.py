@@ -59,8 +59,27 @@ def partitioned_init(zero_stage: int, micro_batch: int, dtype: torch.dtype):
         return contextlib.nullcontext()
     import deepspeed
     world = init_distributed()
-    return deepspeed.zero.Init(config_dict_or_path=ds_config(zero_stage, micro_batch, world), dtype=dtype,
-                               mem_efficient_linear=False)
+    return deepspeed.zero.Init(config_dict_or_path=init_config(zero_stage, micro_batch, world, dtype), dtype=None)
+
+
+def init_config(zero_stage: int, micro_batch: int, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config for `zero.Init`, carrying the parameters' dtype itself.
+
+    Passing `dtype=` to `zero.Init` is not reliable: DeepSpeed 0.19's fallback expression
+    takes bfloat16 on any CPU without mkldnn fp16 support whatever dtype is asked for, so the
+    factors came out bf16 beside fp32 activations on some machines. With `dtype=None` it reads
+    the precision from the config (neither bf16 nor fp16 enabled: float32). The memory-efficient
+    linear (config default) stays on: it keeps a gathered factor out of autograd's saved
+    tensors, so ZeRO-3 can release it after the module's forward.
+    """
+    cfg = ds_config(zero_stage, micro_batch, world_size)
+    if dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        cfg["fp16"] = {"enabled": True}
+    elif dtype != torch.float32:
+        raise ValueError(f"unsupported dtype for ZeRO-3 parameters: {dtype}")
+    return cfg
 
 
 def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int, micro_batch: int):

@@ -112,9 +112,13 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     assert int(scores8["fisher.steps"][0]) == 8 and int(scores12["fisher.steps"][0]) == 12
 
 
-def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text_file):
+def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text_file, monkeypatch):
     """Under ZeRO-3 each factor is partitioned as its matrix is built (zero.Init), so no rank
-    ever holds the whole factored model; the partitioned model gives the same scored logits."""
+    ever holds the whole factored model; the partitioned model gives the same scored logits.
+    The factors keep the run's dtype also on a CPU without fp16 support, where DeepSpeed's
+    own dtype fallback picks bfloat16 (simulated here, so the check runs on every machine)."""
+    from deepspeed.accelerator import get_accelerator
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)
     from cluster import zero
     from cluster.storage import Storage
     from pipeline.model_io import ModelSource
@@ -127,6 +131,7 @@ def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text
     plain = build_scored_model(source, store)
     mods = scored_modules(part)
     assert mods and all(hasattr(m.U, "ds_id") and m.U.data.numel() == 0 for m in mods.values())
+    assert {p.dtype for p in part.parameters()} == {torch.float32}
     ids = torch.randint(0, 100, (1, 8))
     with torch.no_grad(), zero.gathered(list(part.parameters())):
         assert torch.allclose(part(ids).logits, plain(ids).logits, atol=1e-5)
