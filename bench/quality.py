@@ -6,6 +6,7 @@ same held-out windows. Writes bench/results/quality.{json,md}.
 
     .venv/bin/python bench/quality.py                 # SmolLM2, wiki, 0.2/0.4/0.6
     .venv/bin/python bench/quality.py --methods soco        # add/refresh only the soco rows
+    .venv/bin/python bench/quality.py --methods soco --ratios 0.6   # refresh one cell
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def main() -> None:
 
     res = Path(a.results)
     old = json.loads(res.with_suffix(".json").read_text()) if res.with_suffix(".json").exists() else {}
-    # rows of methods not re-run are kept (json turns the ratio keys into strings)
-    rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()}
-                                          for m, by in old.get("rows", {}).items() if m not in a.methods}
+    # rows of (method, ratio) pairs not re-run are kept (json turns the ratio keys into strings)
+    rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()
+                                              if not (m in a.methods and float(r) in a.ratios)}
+                                          for m, by in old.get("rows", {}).items()}
     dense = old.get("dense_ppl")
     t0 = time.time()
     for ratio in a.ratios:
@@ -69,11 +71,13 @@ def main() -> None:
                 f"the first {a.eval_samples} non-overlapping windows of {a.seq_len} tokens of the second half; "
                 f"every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); factorisation in float64, "
                 f"model in float32; calibration activations from the dense model{launch}")
-    out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1)}
+    out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1),
+           "last_invocation": {"methods": a.methods, "ratios": a.ratios}}
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    res.with_suffix(".md").write_text(render(out, a.ratios))
-    print(render(out, a.ratios))
+    all_ratios = sorted({r for by in rows.values() for r in by})
+    res.with_suffix(".md").write_text(render(out, all_ratios))
+    print(render(out, all_ratios))
 
 
 def soco_evidence(run: Path, results: Path, ratio: float) -> dict:
@@ -108,6 +112,8 @@ def render(out: dict, ratios: list[float]) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 (f"{soco[r]['learn'][key]:.3f}" if isinstance(soco[r]['learn'][key], float) and key != "train_seconds"
                  else str(soco[r]["learn"][key])) if r in soco else "-" for r in ratios) + " |")
+        lines.append("| achieved ratio, counted on the checkpoint's tensors | " + " | ".join(
+            f"{soco[r]['achieved_ratio']:.5f}" if r in soco else "-" for r in ratios) + " |")
         if "svd-llm" in out["rows"]:
             import math as _m
             d = out["dense_ppl"]
@@ -115,10 +121,13 @@ def render(out: dict, ratios: list[float]) -> str:
                 f"{_m.log(soco[r]['ppl'] / d) / _m.log(out['rows']['svd-llm'][r]['ppl'] / d):.3f}"
                 if r in soco and r in out["rows"]["svd-llm"] else "-" for r in ratios) + " |")
     any_method = next(iter(out["rows"].values()))
+    last = out.get("last_invocation")
+    invocation = (f"methods {', '.join(last['methods'])} at {', '.join(map(str, last['ratios']))}"
+                  if last else "every method and ratio")
     lines += ["", "Decoder linear parameters: " + f"{any_method[ratios[0]]['linear_before'] / 1e6:.1f}M -> " +
               " / ".join(f"{any_method[r]['linear_after'] / 1e6:.1f}M" for r in ratios) +
               " (achieved ratios " + ", ".join(f"{any_method[r]['achieved_ratio']:.4f}" for r in ratios) + ").",
-              f"Wall time of the whole benchmark: {out['wall_s']:.0f} s."]
+              f"Wall time of the last invocation ({invocation}): {out['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 

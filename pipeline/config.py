@@ -52,6 +52,7 @@ class SocoConfig:
     coarse_ratio: float | None = None
     lr: float = 0.05  # Adam learning rate of the scores in the coarse stage
     refine_lr_factor: float = 0.4  # the learning rates are multiplied by this after the coarse stage
+    gate_power: float = 1.0  # soft gate min(1,|s|)^p of the parameter count: 1 = L1-like, < 1 = closer to L0
     channel_scales: bool = False  # also train a scale per input and output channel of each matrix
     scale_lr: float = 0.01  # Adam learning rate of the channel scales
     batch_size: int = 2  # calibration windows per step (split across workers)
@@ -164,6 +165,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"soco.prune_by must be 'fisher' or 'score', got '{sc.prune_by}'")
     if not 0.0 <= sc.fisher_decay < 1.0:
         raise UserError(f"soco.fisher_decay must be in [0, 1), got {sc.fisher_decay}")
+    if not 0.0 < sc.gate_power <= 1.0:
+        raise UserError(f"soco.gate_power must be in (0, 1], got {sc.gate_power}")
     if sc.launcher not in ("ray", "local"):
         raise UserError(f"soco.launcher must be 'ray' or 'local', got '{sc.launcher}'")
     for key in ("batch_size", "workers", "topk", "eval_every", "checkpoint_every", "max_steps"):

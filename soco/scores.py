@@ -4,7 +4,7 @@ Each component i of a compressed matrix has a score s_i (initialised to 1) and a
 g_i in [0, 1] that says how much it is "paid for": the differentiable parameter count of
 the model is sum_i g_i * (m + n). Until the final cut the gate is
 
-    g(s) = min(1, |s|)
+    g(s) = min(1, |s|)^p      (p = soco.gate_power)
 
 which is 1 for every component whose score is at least 1 (so kept components can grow
 above 1 to compensate for pruned ones without costing more) and falls linearly to 0 at
@@ -17,9 +17,17 @@ import torch
 from torch import nn
 
 
-def soft_gate(s: torch.Tensor) -> torch.Tensor:
-    """Soft gate min(1, |s|): 0 at s=0, 1 for |s| >= 1, linear in between."""
-    return s.abs().clamp(max=1.0)
+def soft_gate(s: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Soft gate min(1, |s|)^power: 0 at s=0, 1 for |s| >= 1.
+
+    power 1 is linear in |s| (an L1 relaxation of the count: a half-scaled component costs
+    half). power < 1 is concave, closer to the exact L0 count: a partly-scaled component
+    costs more than its share, so the relaxed solution is already nearer to 0-or-kept and
+    the final cut to hard gates loses less. |s| is floored at 1e-6 so that the gradient
+    stays finite at 0.
+    """
+    g = s.abs().clamp(max=1.0)
+    return g if power == 1.0 else g.clamp(min=1e-6) ** power
 
 
 class ScoredLinear(nn.Module):
@@ -45,6 +53,7 @@ class ScoredLinear(nn.Module):
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
         self.hard = False  # True once pruning has started (apply_cut): gates are the mask
+        self.gate_power = 1.0  # exponent of the soft gate (soft_gate), set from soco.gate_power
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
 
     @property
@@ -53,8 +62,8 @@ class ScoredLinear(nn.Module):
         return self.out_features + self.in_features
 
     def gates(self) -> torch.Tensor:
-        """The share of each component's cost that is paid: min(1, |s|), or 0/1 after the cut."""
-        return self.mask if self.hard else soft_gate(self.score) * self.mask
+        """The share of each component's cost that is paid: min(1, |s|)^p, or 0/1 after the cut."""
+        return self.mask if self.hard else soft_gate(self.score, self.gate_power) * self.mask
 
     def multiplier(self) -> torch.Tensor:
         """Effective weight of each component: s * sigma, 0 for the pruned ones."""

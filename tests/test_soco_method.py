@@ -211,3 +211,14 @@ def test_fisher_importance_state_round_trip_and_bias_correction():
     assert g.steps == 1 and torch.equal(g.estimate("a"), f.estimate("a"))
     with pytest.raises(ValueError):
         FisherImportance({"a": 1}, decay=1.0)
+
+
+def test_soft_gate_power_is_concave_and_agrees_at_the_ends():
+    from soco.scores import soft_gate
+    s = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.7, -0.25], requires_grad=True)
+    linear, concave = soft_gate(s), soft_gate(s, 0.5)
+    assert torch.allclose(linear, torch.tensor([0.0, 0.25, 0.5, 1.0, 1.0, 0.25]))
+    assert torch.allclose(concave[[0, 3, 4]], torch.tensor([1e-3, 1.0, 1.0]))  # |s| floored at 1e-6
+    assert torch.allclose(concave[[1, 2, 5]], torch.tensor([0.5, 0.5 ** 0.5, 0.5]))  # above the linear gate
+    concave.sum().backward()
+    assert torch.isfinite(s.grad).all() and s.grad[4] == 0  # no push on a score already above 1

@@ -165,6 +165,8 @@ def train_worker(conf: dict[str, Any]) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF recomputes layers only in training mode (these models have no dropout)
     mods = scored_modules(model)
+    for m in mods.values():
+        m.gate_power = conf["gate_power"]
     state, curve = None, []
     ckpt = latest_checkpoint(store) if conf["resume"] else None
     trained = trained_tensors(mods, conf["channel_scales"])
@@ -296,7 +298,7 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
                          "patience": s.patience},
             "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr,
             "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing,
-            "prune_by": s.prune_by, "fisher_decay": s.fisher_decay}
+            "prune_by": s.prune_by, "fisher_decay": s.fisher_decay, "gate_power": s.gate_power}
 
 
 def min_ranks(plan: Plan, ratio: float, fraction: float) -> dict[str, int]:
