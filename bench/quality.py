@@ -45,6 +45,24 @@ def main() -> None:
                                           for m, by in old.get("rows", {}).items()}
     dense = old.get("dense_ppl")
     t0 = time.time()
+
+    def write() -> str:
+        """Write the results so far (after every cell: an interrupted run keeps what it measured)."""
+        launch = (f"; soco's learn stage: DeepSpeed ZeRO-3, one rank, "
+                  f"{'Ray Train TorchTrainer' if a.launcher == 'ray' else 'in-process'}" if "soco" in a.methods else "")
+        protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
+                    f"{a.calib_samples} windows x {a.seq_len} tokens from the start of the first half; evaluation = "
+                    f"the first {a.eval_samples} non-overlapping windows of {a.seq_len} tokens of the second half; "
+                    f"every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); factorisation in float64, "
+                    f"model in float32; calibration activations from the dense model{launch}")
+        out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1),
+               "last_invocation": {"methods": a.methods, "ratios": a.ratios}}
+        res.parent.mkdir(parents=True, exist_ok=True)
+        res.with_suffix(".json").write_text(json.dumps(out, indent=2))
+        table = render(out, sorted({r for by in rows.values() for r in by}))
+        res.with_suffix(".md").write_text(table)
+        return table
+
     for ratio in a.ratios:
         for method in a.methods:
             cfg = from_dict({"model": a.model, "output": a.workdir,
@@ -64,20 +82,8 @@ def main() -> None:
             if method == "soco":
                 rows[method][ratio]["learn"] = soco_evidence(Path(a.workdir), Path(a.results).parent, ratio)
             print(f"{method:8s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}", flush=True)
-    launch = (f"; soco's learn stage: DeepSpeed ZeRO-3, one rank, "
-              f"{'Ray Train TorchTrainer' if a.launcher == 'ray' else 'in-process'}" if "soco" in a.methods else "")
-    protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
-                f"{a.calib_samples} windows x {a.seq_len} tokens from the start of the first half; evaluation = "
-                f"the first {a.eval_samples} non-overlapping windows of {a.seq_len} tokens of the second half; "
-                f"every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); factorisation in float64, "
-                f"model in float32; calibration activations from the dense model{launch}")
-    out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1),
-           "last_invocation": {"methods": a.methods, "ratios": a.ratios}}
-    res.parent.mkdir(parents=True, exist_ok=True)
-    res.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    all_ratios = sorted({r for by in rows.values() for r in by})
-    res.with_suffix(".md").write_text(render(out, all_ratios))
-    print(render(out, all_ratios))
+            write()
+    print(write())
 
 
 def soco_evidence(run: Path, results: Path, ratio: float) -> dict:

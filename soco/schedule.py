@@ -49,7 +49,7 @@ class ScheduleConfig:
     sparsity_weight: float = 0.5  # mu: weight of soft/target in stage 1
     tolerance: float = 0.0  # stage 1 ends when soft <= target * (1 + tolerance)
     coarse_max_steps: int = 200
-    refine_steps: int = 60
+    refine_steps: int = 100  # cap; refinement normally ends on the held-out KL (patience)
     sparsify_steps: int = 100  # cap: the hard network's training usually stops earlier, on the held-out KL
     sparsify_ramp: int = 40  # steps of gradual pruning down to the budget; the rest train the hard network
     patience: int = 3  # held-out evaluations without improvement that end refinement, and the hard training
