@@ -58,3 +58,13 @@ class FisherImportance:
                 self.ema[n].copy_(saved[f"{n}.fisher"])
         if "fisher.steps" in saved:
             self.steps = int(saved["fisher.steps"][0])
+
+
+def pruning_importance(prune_by: str, fisher: FisherImportance, scores: dict[str, torch.Tensor],
+                       masks: dict[str, torch.Tensor], costs: dict[str, int]) -> dict[str, torch.Tensor]:
+    """What soco/allocate.py ranks, per matrix: each component's importance per parameter, the
+    Fisher estimate (`prune_by` "fisher", once it has seen a step) or |s| ("score"), and -1
+    for the components already pruned (mask 0), which the selection never keeps."""
+    values = fisher.per_parameter(costs) if prune_by == "fisher" and fisher.steps else \
+        {n: s.detach().abs() for n, s in scores.items()}
+    return {n: torch.where(masks[n] > 0, values[n], -1.0) for n in masks}

@@ -31,7 +31,7 @@ from torch import nn
 
 from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
-from soco.importance import FisherImportance
+from soco.importance import FisherImportance, pruning_importance
 from soco.objective import SoCoObjective, teacher_topk
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import ScoredLinear, apply_cut, scored_modules
@@ -231,12 +231,9 @@ def train_worker(conf: dict[str, Any]) -> None:
 
     def prune(keep_params: float) -> None:
         # keep the most important components among those still alive, within keep_params
-        if conf["prune_by"] == "fisher":
-            values = fisher.per_parameter(costs)
-        else:
-            with zero.gathered(score_params):
-                values = {n: m.score.detach().abs() for n, m in mods.items()}
-        importance = {n: torch.where(m.mask > 0, values[n], -1.0) for n, m in mods.items()}
+        with zero.gathered(score_params):  # the scores themselves are read only when pruning by |s|
+            importance = pruning_importance(conf["prune_by"], fisher, {n: m.score for n, m in mods.items()},
+                                            {n: m.mask for n, m in mods.items()}, costs)
         apply_cut(mods, select_components(importance, costs, int(keep_params), conf["min_rank"]))
 
     t0 = time.perf_counter()
@@ -355,9 +352,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     else:  # stopped (max_steps) before the final cut: make it among the unpruned, as pruning does
         fisher = FisherImportance({n: v.numel() for n, v in scores.items()})
         fisher.load(saved)
-        values = fisher.per_parameter(costs) if prune_by == "fisher" and fisher.steps else \
-            {n: v.abs() for n, v in scores.items()}
-        importance = {n: torch.where(saved[f"{n}.mask"] > 0, values[n], -1.0) for n in plan.ranks}
+        importance = pruning_importance(prune_by, fisher, scores, {n: saved[f"{n}.mask"] for n in plan.ranks}, costs)
         keep = select_components(importance, costs, budget, min_ranks(plan, ratio, min_rank_fraction))
     shares, final_ranks = {}, {}
     for i in range(n_layers):
