@@ -70,6 +70,7 @@ class SocoConfig:
     checkpoint_every: int = 20  # steps between score checkpoints
     prune_by: str = "fisher"  # sparsification prunes the least important per parameter: fisher | score (|s|)
     fisher_decay: float = 0.9  # EMA decay of the Fisher importance estimate (soco/importance.py)
+    average_decay: float = 0.9  # EMA of the pruned network's scores, evaluated and saved (soco/averaging.py); 0 = off
     min_rank_fraction: float = 0.1  # every matrix keeps at least this share of its uniform rank
     zero_stage: int = 3  # DeepSpeed ZeRO stage: 2 or 3
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (large models)
@@ -165,6 +166,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"soco.prune_by must be 'fisher' or 'score', got '{sc.prune_by}'")
     if not 0.0 <= sc.fisher_decay < 1.0:
         raise UserError(f"soco.fisher_decay must be in [0, 1), got {sc.fisher_decay}")
+    if not 0.0 <= sc.average_decay < 1.0:
+        raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {sc.average_decay}")
     if not 0.0 < sc.gate_power <= 1.0:
         raise UserError(f"soco.gate_power must be in (0, 1], got {sc.gate_power}")
     if sc.launcher not in ("ray", "local"):

@@ -222,3 +222,24 @@ def test_soft_gate_power_is_concave_and_agrees_at_the_ends():
     assert torch.allclose(concave[[1, 2, 5]], torch.tensor([0.5, 0.5 ** 0.5, 0.5]))  # above the linear gate
     concave.sum().backward()
     assert torch.isfinite(s.grad).all() and s.grad[4] == 0  # no push on a score already above 1
+
+
+def test_iterate_average_is_a_bias_corrected_ema_that_round_trips():
+    from soco.averaging import IterateAverage
+    avg = IterateAverage(0.5)
+    avg.update({"a.score": torch.tensor([2.0, 0.0])})
+    assert torch.equal(avg.value()["a.score"], torch.tensor([2.0, 0.0]))  # one update: the iterate itself
+    avg.update({"a.score": torch.tensor([4.0, 3.0])})
+    # weights 0.5 (newest) and 0.25, renormalised by 1 - 0.5^2: (0.25*2 + 0.5*4) / 0.75
+    assert torch.allclose(avg.value()["a.score"], torch.tensor([10.0 / 3, 2.0]))
+    again = IterateAverage(0.5)
+    again.load(avg.state())
+    assert again.steps == 2 and torch.equal(again.value()["a.score"], avg.value()["a.score"])
+    last = IterateAverage(0.0)
+    last.update({"x": torch.ones(2)})
+    last.update({"x": torch.full((2,), 5.0)})
+    assert torch.equal(last.value()["x"], torch.full((2,), 5.0))  # decay 0: the last iterate
+    with pytest.raises(ValueError):
+        IterateAverage(1.0)
+    with pytest.raises(RuntimeError):
+        IterateAverage(0.9).value()

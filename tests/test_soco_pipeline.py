@@ -39,6 +39,11 @@ def test_soco_end_to_end_keeps_exact_budget(tmp_path, tiny_llama, text_file):
     assert {n: int(saved[f"{n}.mask"].sum()) for n in ranks} == ranks
     assert state.best_step >= learn["frozen_at"] and learn["best_holdout_kl"] == min(
         e["holdout_kl"] for e in curve if "holdout_kl" in e and e["step"] >= learn["frozen_at"])
+    # the saved scores are the average of the pruned network's iterates from the cut to the best step
+    t = int(saved["avg.steps"][0])
+    assert t == state.best_step - learn["frozen_at"] + 1
+    for n in ranks:
+        assert torch.allclose(saved[f"{n}.score"], saved[f"{n}.score.avg"] / (1 - 0.9 ** t))
     for png in ("training_curve.png", "scores.png", "ranks.png"):
         assert (run / "plots" / png).stat().st_size > 1000
     assert report["perplexity"]["compressed"] > 1

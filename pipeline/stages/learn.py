@@ -31,6 +31,7 @@ from torch import nn
 
 from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
+from soco.averaging import IterateAverage
 from soco.importance import FisherImportance, pruning_importance
 from soco.objective import SoCoObjective, teacher_topk
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
@@ -212,14 +213,29 @@ def train_worker(conf: dict[str, Any]) -> None:
             values = {k: p.detach().clone() for k, p in trained.items()}
         values.update({f"{n}.mask": m.mask.detach().clone() for n, m in mods.items()})
         values.update(fisher.state())
+        if average is not None:
+            values.update(average.state())
         if rank == 0:
             save_scores(store, rel, values, sched.state, curve)
 
     costs = {n: m.cost for n, m in mods.items()}
     candidates = float(sum(m.rank * costs[n] for n, m in mods.items()))
     fisher = FisherImportance({n: m.rank for n, m in mods.items()}, conf["fisher_decay"])
+    # Polyak average of the hard network's iterates (soco/averaging.py): updated after every
+    # step from the final cut on; held-out evaluation, the best scores and the saved ones use it
+    average = IterateAverage(conf["average_decay"]) if conf["average_decay"] > 0 else None
     if ckpt is not None:
         fisher.load(saved)
+        if average is not None:
+            average.load(saved)
+
+    def swap_in(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # every rank holds the same values; rank 0's copy is re-partitioned on exit
+        with zero.gathered(list(trained.values()), modify=True), torch.no_grad():
+            previous = {k: p.detach().clone() for k, p in trained.items()}
+            for k, p in trained.items():
+                p.copy_(values[k])
+        return previous
 
     def record_importance() -> None:
         # between backward and step: every rank takes part in gathering the (partitioned) grads
@@ -255,15 +271,22 @@ def train_worker(conf: dict[str, Any]) -> None:
         kl_v = all_mean(float(kl.detach()))
         stage_before = sched.stage
         sched.after_step(soft_v, target)
+        averaging = average is not None and sched.state.frozen_at >= 0
+        if averaging:
+            with zero.gathered(list(trained.values())):
+                average.update({k: p for k, p in trained.items()})
         entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
                  "budget": float(budget.detach()),
                  "seconds": round(time.perf_counter() - t0, 2)}
         if hold_ids and ((step + 1) % conf["eval_every"] == 0 or sched.stage == Stage.DONE):
+            raw = swap_in(average.value()) if averaging else None
             with torch.no_grad():
                 hk = all_mean(float(run(hold_ids[rank::world])[0]))
             entry["holdout_kl"] = hk
             if sched.after_holdout(hk):  # the hard network's best so far: its scores are the ones kept
                 checkpoint(BEST_SCORES)
+            if raw is not None:
+                swap_in(raw)  # training goes on from the raw iterates
         curve.append(entry)
         if conf["progress"] and rank == 0:
             print(f"learn step {step + 1} stage {int(stage_before)} kl {kl_v:.4f} soft/target {soft_v / target:.4f}"
@@ -295,7 +318,8 @@ def learn_settings(cfg, plan: Plan, store: Storage, resume: bool, progress: bool
                          "patience": s.patience},
             "workers": workers, "launcher": s.launcher, "channel_scales": s.channel_scales, "scale_lr": s.scale_lr,
             "refine_lr_factor": s.refine_lr_factor, "activation_checkpointing": s.activation_checkpointing,
-            "prune_by": s.prune_by, "fisher_decay": s.fisher_decay, "gate_power": s.gate_power}
+            "prune_by": s.prune_by, "fisher_decay": s.fisher_decay, "gate_power": s.gate_power,
+            "average_decay": s.average_decay}
 
 
 def min_ranks(plan: Plan, ratio: float, fraction: float) -> dict[str, int]:
