@@ -23,7 +23,8 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    returns (its mask is 0). The last ramp step makes the final cut (the budget, every
    matrix keeping its minimum rank); then the hard network that will be saved trains on
    until its held-out KL has not improved for `patience` evaluations (or `sparsify_steps`
-   in the stage), and the caller keeps the scores of its best held-out evaluation. No
+   in the stage), and the caller keeps the scores of its best held-out evaluation (of
+   the average of its iterates since the cut, soco/averaging.py, by default). No
    budget or sparsity term in this stage: the pruning schedule holds the count. Then DONE.
 
 After DONE the caller folds the kept components' scores into the factors.
@@ -52,7 +53,7 @@ class ScheduleConfig:
     refine_steps: int = 100  # cap; refinement normally ends on the held-out KL (patience)
     sparsify_steps: int = 100  # cap: the hard network's training usually stops earlier, on the held-out KL
     sparsify_ramp: int = 40  # steps of gradual pruning down to the budget; the rest train the hard network
-    patience: int = 3  # held-out evaluations without improvement that end refinement, and the hard training
+    patience: int = 2  # held-out evaluations without improvement that end refinement, and the hard training
 
 
 @dataclass

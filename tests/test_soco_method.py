@@ -243,3 +243,14 @@ def test_iterate_average_is_a_bias_corrected_ema_that_round_trips():
         IterateAverage(1.0)
     with pytest.raises(RuntimeError):
         IterateAverage(0.9).value()
+
+
+def test_schedule_defaults_agree_with_the_run_config():
+    """soco/ stays free of the pipeline's config, so ScheduleConfig repeats SocoConfig's
+    defaults for the schedule; they must not drift apart."""
+    from dataclasses import fields
+    from pipeline.config import SocoConfig
+    run = SocoConfig()
+    for f in fields(ScheduleConfig):
+        if hasattr(run, f.name):
+            assert getattr(ScheduleConfig(), f.name) == getattr(run, f.name), f.name

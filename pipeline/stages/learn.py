@@ -9,8 +9,10 @@ Outputs:
                                 and `<module>.mask` (0 = pruned by sparsification's gradual
                                 pruning; the last ramp step leaves exactly the final cut),
                                 `<module>.fisher` and `fisher.steps` (the pruning importance,
-                                soco/importance.py)
+                                soco/importance.py), and after the final cut `<module>.score.avg`
+                                and `avg.steps` (the running average, soco/averaging.py)
   scores/best.safetensors       the hard network's scores at its best held-out KL after the final cut
+                                (the average of its iterates since the cut, unless soco.average_decay is 0)
   scores/final.safetensors      the scores kept: those best ones (else the last), with
                                 the whole run's state and curve
   learned/layer-00012.safetensors kept components with the scores folded in, in the factors
