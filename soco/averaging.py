@@ -15,17 +15,22 @@ import torch
 
 
 class IterateAverage:
-    """Bias-corrected EMA of named tensors; pure tensor arithmetic (held on every rank)."""
+    """Bias-corrected EMA of named tensors; pure tensor arithmetic (held on every rank).
 
-    def __init__(self, decay: float) -> None:
+    Also the running mean behind the Fisher pruning importance (soco/importance.py), which
+    averages (s * dL/ds)^2 instead of the scores; `suffix` names its checkpoint entries.
+    """
+
+    def __init__(self, decay: float, suffix: str = "avg") -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.suffix = suffix
         self.steps = 0
         self.ema: dict[str, torch.Tensor] = {}
 
     def update(self, values: dict[str, torch.Tensor]) -> None:
-        """Fold one step's iterates in (the same names every step)."""
+        """Fold one step's values in (the same names every step)."""
         for name, v in values.items():
             v = v.detach().float()
             if name not in self.ema:
@@ -33,20 +38,26 @@ class IterateAverage:
             self.ema[name].mul_(self.decay).add_(v, alpha=1.0 - self.decay)
         self.steps += 1
 
-    def value(self) -> dict[str, torch.Tensor]:
-        """The averaged tensors (decay 0: the last iterate)."""
+    def value_of(self, name: str) -> torch.Tensor:
+        """The average of one name (decay 0: its last value)."""
         if self.steps == 0:
-            raise RuntimeError("no iterate averaged yet")
-        corr = 1.0 - self.decay ** self.steps
-        return {n: v / corr for n, v in self.ema.items()}
+            raise RuntimeError("nothing averaged yet")
+        return self.ema[name] / (1.0 - self.decay ** self.steps)
+
+    def value(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors by name."""
+        if self.steps == 0:
+            raise RuntimeError("nothing averaged yet")
+        return {n: self.value_of(n) for n in self.ema}
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors for a checkpoint (`<name>.avg`, and the update count as `avg.steps`)."""
-        out = {f"{n}.avg": v.clone() for n, v in self.ema.items()}
-        out["avg.steps"] = torch.tensor([self.steps], dtype=torch.int64)
+        """Tensors for a checkpoint: `<name>.<suffix>`, and the update count as `<suffix>.steps`."""
+        out = {f"{n}.{self.suffix}": v.clone() for n, v in self.ema.items()}
+        out[f"{self.suffix}.steps"] = torch.tensor([self.steps], dtype=torch.int64)
         return out
 
     def load(self, saved: dict[str, torch.Tensor]) -> None:
         """Restore from a checkpoint written by `state` (nothing saved: an empty average)."""
-        self.ema = {k[: -len(".avg")]: v.clone().float() for k, v in saved.items() if k.endswith(".avg")}
-        self.steps = int(saved["avg.steps"][0]) if "avg.steps" in saved else 0
+        end = f".{self.suffix}"
+        self.ema = {k[: -len(end)]: v.clone().float() for k, v in saved.items() if k.endswith(end)}
+        self.steps = int(saved[f"{self.suffix}.steps"][0]) if f"{self.suffix}.steps" in saved else 0

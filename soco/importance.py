@@ -16,48 +16,43 @@ from __future__ import annotations
 
 import torch
 
+from .averaging import IterateAverage
+
 
 class FisherImportance:
-    """EMA of (s * dL/ds)^2 per component of every scored matrix; pure tensor arithmetic."""
+    """EMA of (s * dL/ds)^2 per component of every scored matrix; pure tensor arithmetic.
+
+    The checkpoint entries are `<module>.fisher` and `fisher.steps`."""
 
     def __init__(self, sizes: dict[str, int], decay: float = 0.9) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.steps = 0
-        self.ema = {n: torch.zeros(k, dtype=torch.float32) for n, k in sizes.items()}
+        self.sizes = dict(sizes)
+        self.mean = IterateAverage(decay, suffix="fisher")
 
-    def update(self, name: str, score: torch.Tensor, grad: torch.Tensor) -> None:
-        """Fold one step's gradient of matrix `name` in (call for every matrix, then `step`)."""
-        sample = (score.detach().float() * grad.detach().float()) ** 2
-        self.ema[name].mul_(self.decay).add_(sample, alpha=1.0 - self.decay)
+    @property
+    def steps(self) -> int:
+        return self.mean.steps
 
-    def step(self) -> None:
-        self.steps += 1
+    def update(self, scores: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+        """Fold one step's scores and their gradients in (every matrix at once)."""
+        self.mean.update({n: (s.detach().float() * grads[n].detach().float()) ** 2 for n, s in scores.items()})
 
     def estimate(self, name: str) -> torch.Tensor:
         """Bias-corrected EMA: 2x the expected loss increase of removing each component."""
-        if self.steps == 0:
-            return torch.zeros_like(self.ema[name])
-        return self.ema[name] / (1.0 - self.decay ** self.steps)
+        if self.steps == 0 or name not in self.mean.ema:
+            return torch.zeros(self.sizes[name], dtype=torch.float32)
+        return self.mean.value_of(name)
 
     def per_parameter(self, costs: dict[str, int]) -> dict[str, torch.Tensor]:
         """Importance per parameter of every component, comparable across matrices."""
-        return {n: self.estimate(n) / costs[n] for n in self.ema}
+        return {n: self.estimate(n) / costs[n] for n in self.sizes}
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors for a checkpoint (`<module>.fisher`); the step count rides in the last entry."""
-        out = {f"{n}.fisher": v.clone() for n, v in self.ema.items()}
-        out["fisher.steps"] = torch.tensor([self.steps], dtype=torch.int64)
-        return out
+        """Tensors for a checkpoint (`<module>.fisher`, `fisher.steps`)."""
+        return self.mean.state()
 
     def load(self, saved: dict[str, torch.Tensor]) -> None:
-        """Restore from a checkpoint written by `state` (absent keys leave zeros)."""
-        for n in self.ema:
-            if f"{n}.fisher" in saved:
-                self.ema[n].copy_(saved[f"{n}.fisher"])
-        if "fisher.steps" in saved:
-            self.steps = int(saved["fisher.steps"][0])
+        """Restore from a checkpoint written by `state` (absent entries estimate zeros)."""
+        self.mean.load(saved)
 
 
 def pruning_importance(prune_by: str, fisher: FisherImportance, scores: dict[str, torch.Tensor],

@@ -243,9 +243,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         # between backward and step: every rank takes part in gathering the (partitioned) grads
         grads = {n: zero.full_grad(m.score) for n, m in mods.items()}
         with zero.gathered(score_params):
-            for n, m in mods.items():
-                fisher.update(n, m.score, grads[n])
-        fisher.step()
+            fisher.update({n: m.score for n, m in mods.items()}, grads)
 
     def prune(keep_params: float) -> None:
         # keep the most important components among those still alive, within keep_params
