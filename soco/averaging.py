@@ -2,9 +2,10 @@
 
 After the final cut the hard network trains with small batches (two calibration windows a
 step) on little data, so its scores wander around a minimum and the held-out KL of the raw
-iterates is noisy: measured on SmolLM2 the best raw iterate was often the cut itself. An
+iterates is noisy (on SmolLM2 at removal 0.2 the best raw iterate was the cut itself). An
 exponential moving average of the iterates since the cut averages that noise out (the
-classic remedy of Polyak-Ruppert averaging); the held-out evaluation, the choice of the best
+classic remedy of Polyak-Ruppert averaging). Measured there: held-out KL 0.623 -> 0.599 at
+0.2, 1.470 -> 1.461 at 0.6, no change at 0.4 (README). The held-out evaluation, the choice of the best
 scores and the scores that are saved all use the average, while training goes on from the
 raw iterates. The average starts at zero and is bias-corrected (like Adam's moments), so
 after t updates it weighs the last iterates as an EMA and never drags in a stale start.
