@@ -175,12 +175,19 @@ def train_worker(conf: dict[str, Any]) -> None:
     trained = trained_tensors(mods, conf["channel_scales"])
     for p in trained.values():
         p.requires_grad_(True)
+
+    def swap_in(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # writes the given trained tensors (every rank holds the same values; rank 0's copy is
+        # re-partitioned on exit) and returns what they held before
+        with zero.gathered(list(trained.values()), modify=True), torch.no_grad():
+            previous = {k: p.detach().clone() for k, p in trained.items()}
+            for k, v in values.items():
+                trained[k].copy_(v)
+        return previous
+
     if ckpt is not None:
         saved, state, curve = load_scores(store, ckpt)
-        with zero.gathered(list(trained.values()), modify=True), torch.no_grad():
-            for key, v in saved.items():
-                if key in trained:
-                    trained[key].copy_(v)
+        swap_in({k: v for k, v in saved.items() if k in trained})
         if state.stage >= Stage.SPARSIFY:  # resumed while pruning: the same components stay pruned
             apply_cut(mods, saved_keep(saved, mods))
     sched = ThreeStageSchedule(ScheduleConfig(**conf["schedule"]), state)
@@ -231,14 +238,6 @@ def train_worker(conf: dict[str, Any]) -> None:
         if average is not None:
             average.load(saved)
 
-    def swap_in(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # every rank holds the same values; rank 0's copy is re-partitioned on exit
-        with zero.gathered(list(trained.values()), modify=True), torch.no_grad():
-            previous = {k: p.detach().clone() for k, p in trained.items()}
-            for k, p in trained.items():
-                p.copy_(values[k])
-        return previous
-
     def record_importance() -> None:
         # between backward and step: every rank takes part in gathering the (partitioned) grads
         grads = {n: zero.full_grad(m.score) for n, m in mods.items()}
@@ -274,7 +273,7 @@ def train_worker(conf: dict[str, Any]) -> None:
         averaging = average is not None and sched.state.frozen_at >= 0
         if averaging:
             with zero.gathered(list(trained.values())):
-                average.update({k: p for k, p in trained.items()})
+                average.update(trained)
         entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
                  "budget": float(budget.detach()),
                  "seconds": round(time.perf_counter() - t0, 2)}
