@@ -55,7 +55,6 @@ def child(model: str, output: str) -> None:
     """One measured run (in its own process): print a JSON line with the peaks."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from cluster import ray_runtime
-    from cluster.ray_tasks import WORKER_PEAK_RSS_MB
     from pipeline import compress
     from pipeline.config import from_dict
     cfg = from_dict({"model": model, "output": output,
@@ -67,7 +66,7 @@ def child(model: str, output: str) -> None:
     report = compress(cfg, progress=False)
     wall = time.perf_counter() - t0
     driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    workers = dict(WORKER_PEAK_RSS_MB)
+    workers = {int(k): v for k, v in report["worker_peak_rss_mb"].items()}
     ray_runtime.shutdown()
     ckpt = Path(output) / "checkpoint"
     print("RESULT " + json.dumps({

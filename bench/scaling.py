@@ -8,7 +8,9 @@ not depend on the number of calibration tokens, only on the matrix shapes). Vari
 - in-process, torch on all cores (the in-process path's default);
 - Ray with W workers (a local Ray with W CPUs; one task per layer, one thread per task),
   timed cold (the first stage after Ray starts: workers still import torch and the
-  pipeline) and warm (workers already started, as in a long-lived cluster or a sweep).
+  pipeline) and warm (the same stage again on the same workers, as in a sweep).
+
+Every variant runs the same Decompose stage object; only the executor differs.
 
 Ideal for W workers = in-process single-threaded time / W; overhead = Ray time / ideal - 1.
 Writes bench/results/scaling.{json,md}.
@@ -45,15 +47,16 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from cluster import ray_runtime
-    from cluster.ray_tasks import ray_decompose, warm_workers
+    from cluster.executor import LocalExecutor, RayExecutor
+    from cluster.ray_runtime import RaySettings
     from cluster.storage import Storage
     from pipeline.config import from_dict
     from pipeline.data import load_windows
-    from pipeline.layerwise import LayerwiseModel
-    from pipeline.model_io import ModelSource, build_skeleton, find_layers
+    from pipeline.model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
     from pipeline.plan import uniform_plan
-    from pipeline.stages.calibrate import calib_file, run_calibrate
-    from pipeline.stages.decompose import run_decompose
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.calibrate import Calibrate, calib_file
+    from pipeline.stages.decompose import Decompose
 
     cfg = from_dict({"model": a.model, "output": a.workdir,
                      "data": {"calib_samples": a.calib_samples, "seq_len": a.seq_len},
@@ -65,52 +68,52 @@ def main() -> None:
     plan = uniform_plan(model, a.method, a.ratio)
     store = Storage(a.workdir)
     store.makedirs()
+    windows = load_windows("bundled:wiki", "text", source.tokenizer(), a.calib_samples, a.seq_len, 0)
+
+    def context(executor) -> StageContext:
+        return StageContext(cfg, cfg.method, source, store, DTYPE_MAP["float32"], layers_name, n_layers, windows,
+                            executor, progress=False)
+
     stamp = {"model": a.model, "calib_samples": a.calib_samples, "seq_len": a.seq_len}
     if not (store.exists("calib-stamp.json") and store.read_json("calib-stamp.json") == stamp
             and all(store.exists(calib_file(i)) for i in range(n_layers))):
         torch.set_num_threads(os.cpu_count() or 1)
-        w = load_windows("bundled:wiki", "text", source.tokenizer(), a.calib_samples, a.seq_len, 0)
         t0 = time.perf_counter()
-        run_calibrate(LayerwiseModel(model, source, torch.float32), w.calib, 8, store, progress=False)
+        Calibrate().run(context(LocalExecutor()))
         store.write_json("calib-stamp.json", stamp)
         print(f"calibration ({a.calib_samples} x {a.seq_len} tokens): {time.perf_counter() - t0:.1f} s", flush=True)
-    store.write_json("plan.json", plan.to_json())
 
-    rows = []
     load_start = os.getloadavg()[0]
+
+    def timed(executor) -> float:
+        t0 = time.perf_counter()
+        Decompose().run(context(executor))
+        return time.perf_counter() - t0
 
     def inprocess(threads: int) -> float:
         torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        run_decompose(source, store, plan, layers_name, n_layers, cfg.compress.asvd_alpha, progress=False)
-        return time.perf_counter() - t0
+        return timed(LocalExecutor())
 
     cores = os.cpu_count() or 1
     single: list[float] = []  # in-process single-thread times, interleaved with the Ray runs
     ray_rows = []
     for w in a.workers:
-        cfg.ray.num_cpus = w
         ray_runtime.shutdown()
         t0 = time.perf_counter()
-        ray_runtime.ensure_ray(cfg.ray)
+        ray_runtime.connect(RaySettings(num_cpus=w))
         start_s = time.perf_counter() - t0
-        for rep in range(a.repeats + 1):
-            mode = "cold" if rep == 0 else "warm"
-            if rep == 1:
-                warm_workers(w)
-            t0 = time.perf_counter()
-            results = ray_decompose(cfg, store, "plan.json", layers_name, n_layers, progress=False)
-            wall = time.perf_counter() - t0
-            busy = sum(r["seconds"] for r in results)
-            ray_rows.append({"variant": f"Ray, {w} worker{'s' if w > 1 else ''} ({mode})", "workers": w,
-                             "wall_s": wall, "ray_start_s": start_s if mode == "cold" else 0.0,
-                             "task_seconds_sum": busy, "worker_processes": len({r.get("pid") for r in results})})
-            print(f"Ray {w} workers ({mode}): {wall:.2f} s (task time {busy:.1f} s, load {os.getloadavg()[0]:.2f})",
-                  flush=True)
-            if rep >= 1:  # the reference, measured beside each warm Ray run (min of all: least disturbed)
-                single.append(inprocess(1))
-                print(f"in-process, 1 thread: {single[-1]:.2f} s", flush=True)
-                torch.set_num_threads(1)
+        with RayExecutor(RaySettings(num_cpus=w)) as ex:
+            for rep in range(a.repeats + 1):
+                mode = "cold" if rep == 0 else "warm"
+                wall = timed(ex)
+                ray_rows.append({"variant": f"Ray, {w} worker{'s' if w > 1 else ''} ({mode})", "workers": w,
+                                 "wall_s": wall, "ray_start_s": start_s if mode == "cold" else 0.0,
+                                 "worker_processes": len(ex.peak_rss_mb)})
+                print(f"Ray {w} workers ({mode}): {wall:.2f} s (load {os.getloadavg()[0]:.2f})", flush=True)
+                if rep >= 1:  # the reference, measured beside each warm Ray run (min of all: least disturbed)
+                    single.append(inprocess(1))
+                    print(f"in-process, 1 thread: {single[-1]:.2f} s", flush=True)
+                    torch.set_num_threads(1)
     ray_runtime.shutdown()
     multi = inprocess(cores)  # last: multi-threaded runs suffer most from a busy machine
     print(f"in-process, {cores} threads: {multi:.2f} s", flush=True)

@@ -16,7 +16,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+from .ray_runtime import RaySettings, connect
+
+
+def _select_accelerator() -> None:
+    """Tell DeepSpeed which accelerator to use before it is imported (it guesses, and warns,
+    otherwise); called by every function here that imports it, not at import of this module."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 
 def ds_config(zero_stage: int, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -37,6 +43,7 @@ def ds_config(zero_stage: int, micro_batch: int, world_size: int) -> dict[str, A
 def init_distributed() -> int:
     """The process group DeepSpeed needs (Ray Train made it already; a single process outside
     Ray Train gets a one-rank group on loopback); returns the world size."""
+    _select_accelerator()
     import deepspeed
     import torch.distributed as dist
     if not dist.is_initialized():
@@ -57,6 +64,7 @@ def partitioned_init(zero_stage: int, micro_batch: int, dtype: torch.dtype):
     holds the whole model: what a 70B model needs. A no-op context for ZeRO-2."""
     if zero_stage != 3:
         return contextlib.nullcontext()
+    _select_accelerator()
     import deepspeed
     world = init_distributed()
     return deepspeed.zero.Init(config_dict_or_path=init_config(zero_stage, micro_batch, world, dtype), dtype=None)
@@ -85,6 +93,7 @@ def init_config(zero_stage: int, micro_batch: int, world_size: int, dtype: torch
 def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int, micro_batch: int):
     """A DeepSpeed engine over `model` optimising the param groups ({"params", "lr"}) with torch's
     Adam. Parameters built under `partitioned_init` stay partitioned; the rest are partitioned here."""
+    _select_accelerator()
     import deepspeed
     world = init_distributed()
     opt = torch.optim.Adam(param_groups)
@@ -96,6 +105,7 @@ def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int
 def gathered(params: list[nn.Parameter], modify: bool = False):
     """Context in which ZeRO-3-partitioned params hold their full values (no-op otherwise);
     with `modify`, rank 0's writes are broadcast to every rank on exit."""
+    _select_accelerator()
     import deepspeed
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
@@ -103,6 +113,7 @@ def gathered(params: list[nn.Parameter], modify: bool = False):
 def full_grad(param: nn.Parameter) -> torch.Tensor:
     """The whole gradient of `param` after the engine's backward and before its step, however
     ZeRO partitions it (a collective under stage 3: every rank must call it)."""
+    _select_accelerator()
     from deepspeed.utils import safe_get_full_grad
     g = safe_get_full_grad(param)
     if g is None:
@@ -130,18 +141,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(fn: Callable[[dict], None], config: dict[str, Any], num_workers: int, use_gpu: bool | None = None,
-           cpus_per_worker: int = 1) -> None:
-    """Run fn(config) on `num_workers` Ray Train workers and wait; raise if any fails."""
+def launch(fn: Callable[[dict], None], config: dict[str, Any], num_workers: int, settings: RaySettings,
+           use_gpu: bool | None = None, cpus_per_worker: int = 1) -> None:
+    """Run fn(config) on `num_workers` Ray Train workers of the Ray that `settings` name
+    (connected through cluster.ray_runtime, the one place that starts Ray) and wait; raise if
+    any fails."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(
-            num_cpus=max(num_workers * cpus_per_worker, os.cpu_count() or 1), include_dashboard=False,
-            object_store_memory=512 << 20, log_to_driver=True)
+    connect(settings)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= num_workers
     trainer = TorchTrainer(

@@ -1,158 +1,214 @@
-"""Compressed checkpoints in Hugging Face layout, written and read one layer at a time.
+"""Compressed checkpoints in Hugging Face layout: the shard plan, the shard writer (the
+assemble stage's unit of work) and loading.
 
 Layout: `config.json` (the model's config plus a `soco` entry recording the method, the
-ratio and the rank of every compressed module), tokenizer files, sharded
-`model-0000k-of-0000n.safetensors` and `model.safetensors.index.json`. A compressed
-linear `X` is stored as `X.down.weight` (k x n) and `X.up.weight` (m x k) (+ `X.up.bias`).
+ratio and, under each module kind's key, the shape of every compressed module: `ranks` for
+low-rank ones), tokenizer files, sharded `model-0000k-of-0000n.safetensors` and
+`model.safetensors.index.json`. A low-rank linear `X` is stored as `X.down.weight` (k x n)
+and `X.up.weight` (m x k) (+ `X.up.bias`); see pipeline/modules.py.
 
-`load_compressed(path)` rebuilds the compressed model directly: the skeleton is created
-on the meta device, compressed linears are swapped for meta LowRankLinear modules of the
-recorded ranks, and the shards are assigned in. No dense weight is ever allocated.
+`shard_plan` packs every tensor into shards from the source's tensor headers and the
+compressed modules' specs alone, before any tensor is built; each shard is then one unit of
+work that any process can write (`write_shard`). `load_compressed(path)` rebuilds the
+compressed model directly: the skeleton is created on the meta device, compressed modules
+are swapped for meta modules of the recorded shapes, and the shards are assigned in. No
+dense weight is ever allocated.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import struct
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import fsspec
 import torch
-from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from cluster.storage import Storage
-from soco.decompose import Factors
-from soco.lowrank import LowRankLinear
+from cluster.storage import Storage, local_path
 
 from .errors import UserError
-from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers, materialise
+from .model_io import DTYPE_MAP, ModelSource, build_skeleton, materialise
+from .modules import KINDS, ModuleKind
 
 FORMAT = "soco-lowrank-v1"
 
-
-class ShardWriter:
-    """Streams tensors into ~max_bytes safetensors shards in a local folder, then names them
-    `model-0000k-of-0000n.safetensors` and writes the index once the count is known."""
-
-    def __init__(self, folder: str, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        idx = len(self.shards)
-        save_file(self.pending, os.path.join(self.folder, f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> dict[str, str]:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        weight_map = {}
-        for idx, names in enumerate(self.shards):
-            final = f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.folder, f"shard-{idx:05d}.tmp"), os.path.join(self.folder, final))
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        return weight_map
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 
 
+# --------------------------------------------------------------------------- the soco entry
 def soco_entry(config) -> dict[str, Any] | None:
     entry = getattr(config, "soco", None)
     return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
 
 
-def to_lowrank(layer: nn.Module, ranks: dict[str, int], device: str = "meta",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Swap the named linears of a module for (empty) LowRankLinear modules of the given ranks."""
-    for name, k in ranks.items():
-        lin = layer.get_submodule(name)
-        layer.set_submodule(name, LowRankLinear(lin.in_features, lin.out_features, k, bias=lin.bias is not None,
-                                                device=device, dtype=dtype))
-    return layer
+def entry_modules(entry: dict[str, Any]) -> dict[str, tuple[ModuleKind, Any]]:
+    """{qualified module name: (kind, spec)} of every compressed module an entry records."""
+    return {name: (kind, spec) for kind in KINDS.values() for name, spec in (entry.get(kind.entry_key) or {}).items()}
 
 
 def compressed_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Meta skeleton of a compressed checkpoint: low-rank modules where config.soco says so."""
+    """Meta skeleton of a compressed checkpoint: compressed modules where config.soco says so."""
     entry = soco_entry(config)
     if entry is None:
         raise UserError("config.json has no soco entry: not a checkpoint written by soco")
     model = build_skeleton(config, dtype)
-    for name, k in entry["ranks"].items():
-        parent, child = name.rsplit(".", 1)
-        to_lowrank(model.get_submodule(parent), {child: k}, dtype=dtype)
+    for name, (kind, spec) in entry_modules(entry).items():
+        model.set_submodule(name, kind.skeleton(model.get_submodule(name), spec, dtype))
     return model
 
 
-def lowrank_from_factors(f: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype) -> LowRankLinear:
-    up, down = Factors(f["U"].double(), f["sigma"].double(), f["Vt"].double()).split(dtype=dtype)
-    return LowRankLinear.from_factors(up, down, bias)
+# --------------------------------------------------------------------------- shard plan
+def tensor_headers(source: ModelSource) -> dict[str, tuple[str, list[int]]]:
+    """{tensor: (dtype, shape)} from the shards' headers only (a remote shard is not downloaded)."""
+    out = {}
+    for shard in sorted(set(source.weight_map.values())):
+        url = f"{source.location}/{shard}"
+        opener = open(local_path(url), "rb") if not source.remote else \
+            fsspec.open(url, "rb", **(source.storage_options or {})).open()
+        with opener as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        out.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return out
 
 
-def write_checkpoint(source: ModelSource, model: nn.Module, layer_factors: Callable[[int], dict[str, dict[str, torch.Tensor]]],
-                     soco: dict[str, Any], store: Storage, rel: str, dtype: torch.dtype, shard_bytes: int,
-                     progress: bool = True) -> None:
-    """Stream the compressed model into a checkpoint folder and publish it at `rel` at once.
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the checkpoint: a source tensor copied (`module` empty), or tensor `key`
+    of the compressed module `module` (named `local` inside layer `layer`, kind `kind`, dense
+    bias `bias` or "")."""
 
-    Non-layer tensors are copied from the source (a tied output embedding stays tied); in
-    each layer the planned linears are written as factor pairs and everything else as is.
-    The folder is built locally and published only when complete.
+    name: str
+    module: str = ""
+    local: str = ""
+    layer: int = -1
+    kind: str = ""
+    key: str = ""
+    bias: str = ""
+
+
+def shard_plan(source: ModelSource, specs: dict[str, tuple[str, Any]], layers_name: str, n_layers: int,
+               dtype: torch.dtype, shard_bytes: int) -> tuple[list[list[Entry]], int]:
+    """The checkpoint's shards as lists of entries, and the total size in bytes.
+
+    `specs`: {qualified module name: (kind name, spec)}. Order: non-layer tensors by name,
+    then each layer's tensors by name; a new shard starts when the next tensor would take
+    the current one over `shard_bytes` (one tensor per shard at least).
     """
-    layers_name, layers = find_layers(model)
-    staging = tempfile.mkdtemp(prefix="soco-ckpt-", dir=store.path() if store.local else None)
-    try:
-        writer = ShardWriter(staging, shard_bytes)
-        layer_prefix = layers_name + "."
-        for name in sorted(source.weight_map):
-            if not name.startswith(layer_prefix):
-                writer.add(name, _cast(source.tensors([name])[name], dtype))
-        for i in tqdm(range(len(layers)), desc="assemble", unit="layer", disable=not progress):
-            prefix = f"{layers_name}.{i}."
-            factors = layer_factors(i)
-            names = sorted(n for n in source.weight_map if n.startswith(prefix))
-            tensors = source.tensors(names)
-            for full in names:
-                rel_name = full[len(prefix):]
-                owner, leaf = rel_name.rsplit(".", 1)
-                if owner in factors:
-                    if leaf == "weight":
-                        bias = tensors.get(f"{prefix}{owner}.bias")
-                        mod = lowrank_from_factors(factors[owner], bias, dtype)
-                        for k, v in mod.state_dict().items():
-                            writer.add(f"{prefix}{owner}.{k}", v)
-                    continue  # a bias went into the low-rank module above
-                writer.add(full, _cast(tensors[full], dtype))
-        writer.close()
-        cfg = source.config.to_dict()
-        cfg["soco"] = soco | {"format": FORMAT}
-        cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        source.tokenizer().save_pretrained(staging)
-        store.put_dir(staging, rel)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    heads = tensor_headers(source)
+    size_of_dtype = torch.empty(0, dtype=dtype).element_size()
+
+    def nbytes_copy(name: str) -> int:
+        dt, shape = heads[name]
+        floating = dt.startswith(("F", "BF"))
+        return _numel(shape) * (size_of_dtype if floating else _ITEMSIZE[dt])
+
+    order: list[tuple[Entry, int]] = []
+    for name in sorted(source.weight_map):
+        if not name.startswith(layers_name + "."):
+            order.append((Entry(name), nbytes_copy(name)))
+    for i in range(n_layers):
+        prefix = f"{layers_name}.{i}."
+        for full in sorted(n for n in source.weight_map if n.startswith(prefix)):
+            owner, leaf = full.rsplit(".", 1)
+            if owner not in specs:
+                order.append((Entry(full), nbytes_copy(full)))
+                continue
+            if leaf != "weight":
+                continue  # a bias goes into the compressed module
+            kind_name, spec = specs[owner]
+            m, n = heads[full][1]
+            bias = f"{owner}.bias" if source.has(f"{owner}.bias") else ""
+            for key, numel in KINDS[kind_name].stored(m, n, spec, bool(bias)):
+                order.append((Entry(f"{owner}.{key}", owner, owner[len(prefix):], i, kind_name, key, bias), numel * size_of_dtype))
+    shards: list[list[Entry]] = []
+    pending: list[Entry] = []
+    pending_bytes = total = 0
+    for entry, nb in order:
+        if pending and pending_bytes + nb > shard_bytes:
+            shards.append(pending)
+            pending, pending_bytes = [], 0
+        pending.append(entry)
+        pending_bytes += nb
+        total += nb
+    if pending or not shards:
+        shards.append(pending)
+    return shards, total
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
+def shard_names(n: int) -> list[str]:
+    return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+# --------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a process needs to write one shard (picklable: locations, not objects).
+    `layer_factors(store, i)` reads layer i's factors from the run folder (module level:
+    it travels by reference)."""
+
+    model: str
+    run: str
+    out: str
+    dtype: str
+    layer_factors: Callable[[Storage, int], dict[str, dict[str, torch.Tensor]]]
+
+
+def write_shard(job: ShardJob, fname: str, entries: list[Entry]) -> int:
+    """Build one shard from the source tensors and the run's factors and write it; returns
+    the number of tensors. Holds one layer's factors at a time."""
+    source, store, dtype = ModelSource(job.model), Storage(job.run), DTYPE_MAP[job.dtype]
+    modules = sorted({(e.layer, e.module, e.local, e.kind, e.bias) for e in entries if e.module})
+    copies = [e.name for e in entries if not e.module] + [b for *_, b in modules if b]
+    tensors = source.tensors(copies)
+    factors: dict[int, dict] = {}
+    built: dict[str, dict[str, torch.Tensor]] = {}
+    for i, module, local, kind, bias in modules:
+        if i not in factors:
+            factors = {i: job.layer_factors(store, i)}  # one layer's factors at a time
+        built[module] = KINDS[kind].tensors(factors[i][local], tensors.get(bias) if bias else None, dtype)
+    out = {}
+    for e in entries:
+        if e.module:
+            out[e.name] = built[e.module][e.key]
+        else:
+            t = tensors[e.name]
+            out[e.name] = t.to(dtype) if t.is_floating_point() else t
+    Storage(job.out).save_tensors(fname, out, {"format": "pt"})
+    return len(out)
+
+
+def write_metadata(out: Storage, source: ModelSource, entry: dict[str, Any], dtype: torch.dtype,
+                   shards: list[list[Entry]], total: int) -> None:
+    """config.json (with the soco entry), the tokenizer files, and the index last: its
+    presence marks a complete checkpoint."""
+    import os
+    import tempfile
+    c = source.config.to_dict()
+    c["soco"] = entry | {"format": FORMAT}
+    c["torch_dtype"] = c["dtype"] = str(dtype).replace("torch.", "")
+    with tempfile.TemporaryDirectory(prefix="soco-meta-") as tmp:
+        source.tokenizer().save_pretrained(tmp)
+        for f in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                out.write_bytes(f, fh.read())
+    out.write_bytes("config.json", json.dumps(c, indent=2).encode())
+    names = shard_names(len(shards))
+    weight_map = {e.name: names[k] for k, entries in enumerate(shards) for e in entries}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    out.write_bytes("model.safetensors.index.json", json.dumps(index, indent=2).encode())
+
+
+# --------------------------------------------------------------------------- loading
 def load_compressed(path: str, dtype: str | torch.dtype | None = None,
                     storage_options: dict[str, Any] | None = None) -> nn.Module:
     """Load a soco checkpoint (local folder or fsspec URL) as a ready-to-run model.
@@ -171,4 +227,4 @@ def load_compressed(path: str, dtype: str | torch.dtype | None = None,
     return model
 
 
-__all__ = ["load_compressed", "write_checkpoint", "compressed_skeleton", "ShardWriter"]
+__all__ = ["load_compressed", "compressed_skeleton", "shard_plan", "write_shard", "soco_entry"]

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-samples", type=int, default=32, help="held-out windows (0 = all)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--quiet", action="store_true")
-    from cluster.jobs import add_job_parsers
+    from .jobs import add_job_parsers
     add_job_parsers(sub)  # submit / status / logs (Ray Jobs)
     return p
 
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_compress(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import compress
+    from .stages.evaluate import print_summary
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.ray.address = args.address
@@ -49,39 +50,29 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(report: dict, output: str) -> None:
-    """The lines a finished compression prints (the CLI and a Ray Job's driver alike)."""
-    ppl = report["perplexity"]
-    print(f"checkpoint: {report['checkpoint']}")
-    print(f"perplexity: compressed {ppl['compressed']:.3f}"
-          + (f", dense {ppl['dense']:.3f}" if ppl.get("dense") is not None else ""))
-    print(f"removed: {report['achieved_ratio']['linear']:.4f} of decoder linear parameters")
-    print(f"report: {output.rstrip('/')}/report.md")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+    from cluster.executor import LocalExecutor
 
-    from .checkpoint import compressed_skeleton, soco_entry
+    from .checkpoint import entry_modules, soco_entry
     from .data import load_windows
-    from .layerwise import LayerwiseModel
-    from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
+    from .model_io import ModelSource, build_skeleton, find_layers
     from .run import set_threads
     from .stages.evaluate import perplexity, stored_params
     set_threads(0)
-    src = ModelSource(args.checkpoint)
-    dtype_name = str(getattr(src.config, "dtype", None) or "float32").replace("torch.", "")
-    dtype = DTYPE_MAP.get(dtype_name, torch.float32)
-    model = compressed_skeleton(src.config, dtype) if soco_entry(src.config) else build_skeleton(src.config, dtype)
-    layers_name, _ = find_layers(model)
     if args.seq_len < 1 or args.batch_size < 1 or args.eval_samples < 0:
         raise UserError("--seq-len and --batch-size must be >= 1 and --eval-samples >= 0")
+    src = ModelSource(args.checkpoint)
+    dtype_name = str(getattr(src.config, "dtype", None) or "float32").replace("torch.", "")
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        dtype_name = "float32"
+    entry = soco_entry(src.config)
+    layers_name, _ = find_layers(build_skeleton(src.config))
     w = load_windows(args.data, args.text_field, src.tokenizer(), 1, args.seq_len, args.eval_samples)
-    ppl = perplexity(LayerwiseModel(model, src, dtype), w.eval, args.batch_size, progress=not args.quiet)
-    counts = stored_params(src, layers_name)
+    ppl = perplexity(LocalExecutor(), src.location, entry is not None, dtype_name, w.eval, args.batch_size,
+                     progress=not args.quiet)
     out = {"checkpoint": args.checkpoint, "perplexity": ppl, "eval_windows": int(w.eval.shape[0]),
-           "seq_len": args.seq_len, "params": counts,
-           "compressed_modules": len(soco_entry(src.config)["ranks"]) if soco_entry(src.config) else 0}
+           "seq_len": args.seq_len, "params": stored_params(src, layers_name),
+           "compressed_modules": len(entry_modules(entry)) if entry else 0}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -93,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compress":
             return cmd_compress(args)
         if args.command in ("submit", "status", "logs"):
-            from cluster.jobs import run_job_command
+            from .jobs import run_job_command
             return run_job_command(args)
         return cmd_eval(args)
     except UserError as e:

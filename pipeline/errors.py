@@ -1,9 +1,5 @@
-"""The one exception that means 'the user's input is wrong'.
+"""The one exception that means 'the user's input is wrong' (defined in cluster/errors.py,
+the lowest layer, so that infrastructure raises the same type)."""
+from cluster.errors import UserError
 
-The CLI prints it as a single line and exits with code 2; anything else is a bug and
-keeps its traceback.
-"""
-
-
-class UserError(Exception):
-    """Bad input: a config key, a path, a ratio, a model the pipeline cannot handle."""
+__all__ = ["UserError"]

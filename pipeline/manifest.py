@@ -1,49 +1,46 @@
 """The run manifest: resolved config, and for each stage whether it is committed and for
 which inputs.
 
-Each stage has a key, a hash of exactly the config values it depends on (calibration
-depends on the model and the data, not on the ratio). A stage whose key matches a
-committed entry is skipped; otherwise it and every later stage run again. This one rule
-gives resume after a failure and cheap sweeps: a second ratio in the same run folder
-reuses the calibration.
+Each stage has a key, a hash of exactly what it depends on: its contract version, the config
+fields it declares, the fields the method adds for it, and the key of the stage before it
+(so a change upstream reruns everything after). Calibration depends on the model and the
+data, not on the ratio. A stage whose key matches a committed entry is skipped; otherwise it
+and every later stage run again. This one rule gives resume after a failure and cheap
+sweeps: a second ratio in the same run folder reuses the calibration.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from cluster.storage import Storage
 
-from .config import Config
+from .config import Config, value_at
+from .stages.base import Stage
 
-STAGES = ("calibrate", "decompose", "learn", "assemble", "evaluate")
 
-
-def stage_keys(cfg: Config) -> dict[str, str]:
-    d, c, r = cfg.data, cfg.compress, cfg.run
-    parts: dict[str, Any] = {
-        "calibrate": ["contract-2", cfg.model, d.source, d.text_field, d.calib_samples, d.seq_len, r.dtype],
-        "decompose": [c.method, c.ratio, c.asvd_alpha, cfg.soco.coarse_ratio if c.method == "soco" else None],
-        "learn": ({k: v for k, v in vars(cfg.soco).items() if k not in ("threads_per_worker", "launcher", "activation_checkpointing")}
-                  if c.method == "soco" else None),
-        "assemble": [r.dtype, r.shard_size_mb],
-        "evaluate": [d.eval_samples, d.seq_len, r.eval_dense],
-    }
+def stage_keys(cfg: Config, stages: Sequence[Stage]) -> dict[str, str]:
+    """{stage name: key} for the stages of a run, in order."""
+    method = cfg.method
     keys, chain = {}, ""
-    for stage in STAGES:
-        chain = hashlib.sha256((chain + json.dumps(parts[stage])).encode()).hexdigest()[:16]
-        keys[stage] = chain
+    for stage in stages:
+        fields = tuple(stage.fields) + tuple(method.key_fields(stage.name))
+        parts = {"contract": stage.contract, "fields": {f: value_at(cfg, f) for f in fields},
+                 "extra": stage.key_extra(method)}
+        chain = hashlib.sha256((chain + json.dumps(parts, sort_keys=True)).encode()).hexdigest()[:16]
+        keys[stage.name] = chain
     return keys
 
 
 class Manifest:
     """manifest.json of a run folder, rewritten atomically after every change."""
 
-    def __init__(self, store: Storage, cfg: Config) -> None:
+    def __init__(self, store: Storage, cfg: Config, stages: Sequence[Stage]) -> None:
         self.store, self.cfg = store, cfg
-        self.keys = stage_keys(cfg)
+        self.names = [s.name for s in stages]
+        self.keys = stage_keys(cfg, stages)
         old = store.read_json("manifest.json") if store.exists("manifest.json") else {}
         self.stages: dict[str, dict[str, Any]] = old.get("stages", {})
         self.data: dict[str, Any] = {"soco_version": "0.1.0", "config": cfg.to_dict(), "status": "running",
@@ -63,8 +60,11 @@ class Manifest:
         self.save()
 
     def invalidate_from(self, stage: str) -> None:
-        for s in STAGES[STAGES.index(stage):]:
-            self.stages.pop(s, None)
+        """Forget this stage and every later one (and entries of stages this run does not have)."""
+        later = self.names[self.names.index(stage):]
+        for s in list(self.stages):
+            if s in later or s not in self.names:
+                self.stages.pop(s)
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self.data["status"] = status

@@ -128,7 +128,10 @@ def _meta_parameters() -> Iterator[None]:
 def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with every parameter on the meta device (no memory) and real buffers."""
     from transformers import AutoModelForCausalLM
-    config._attn_implementation = "sdpa"
+
+    from .architectures import attn_implementation, check_supported
+    check_supported(config)
+    config._attn_implementation = attn_implementation(config)
     try:
         with _meta_parameters():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -180,8 +183,15 @@ def materialise(model: nn.Module, module: nn.Module, prefix: str, source: ModelS
 
 
 def offload(module: nn.Module) -> None:
-    """Drop a module's parameters back to the meta device, freeing their memory."""
+    """Drop a module's parameters and persistent buffers back to the meta device, freeing
+    their memory. Its non-persistent buffers (Gemma's embedding scale, rotary frequencies)
+    stay real: they are not in the shards, so a module materialised again could not get
+    them back."""
+    keep = [(m, k, b) for m in module.modules() for k, b in m._buffers.items()
+            if b is not None and k in m._non_persistent_buffers_set]
     module.to("meta")
+    for m, k, b in keep:
+        m._buffers[k] = b
 
 
 def count_materialised(module: nn.Module) -> int:

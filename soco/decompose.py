@@ -12,7 +12,7 @@ import torch
 
 from .whitening import cholesky_whitening, unwhiten_right
 
-METHODS = ("svd", "asvd", "svd-llm")
+FACTORIZATIONS = ("svd", "asvd", "svd-llm")  # how one matrix is factored (ranks are chosen elsewhere)
 
 
 @dataclass
@@ -75,9 +75,9 @@ def svd_llm_factors(W: torch.Tensor, gram: torch.Tensor, k: int | None = None) -
     return Factors(U, s, unwhiten_right(Vt, wh.S), wh.damping)
 
 
-def decompose(method: str, W: torch.Tensor, gram: torch.Tensor | None, mean_abs: torch.Tensor | None,
+def factorise(method: str, W: torch.Tensor, gram: torch.Tensor | None, mean_abs: torch.Tensor | None,
               k: int | None = None, alpha: float = 0.5) -> Factors:
-    """Dispatch on the method name used in configs."""
+    """Dispatch on the factorisation name (svd | asvd | svd-llm)."""
     if method == "svd":
         return svd_factors(W, k)
     if method == "asvd":
@@ -88,4 +88,4 @@ def decompose(method: str, W: torch.Tensor, gram: torch.Tensor | None, mean_abs:
         if gram is None:
             raise ValueError("svd-llm needs the input Gram matrix")
         return svd_llm_factors(W, gram, k)
-    raise ValueError(f"unknown decomposition method {method!r}; choose one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown factorisation {method!r}; choose one of {', '.join(FACTORIZATIONS)}")

@@ -79,12 +79,29 @@ class ScoredLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def folded(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) of the kept components with s*sigma folded in: up @ down == U diag(s sigma) Vt."""
-        w = self.multiplier().detach()[keep]
-        root = w.abs().sqrt()
-        up = self.out_scale.detach()[:, None] * self.U.detach()[:, keep] * (root * torch.sign(w))[None, :]
-        down = root[:, None] * self.Vt.detach()[keep] * self.in_scale.detach()[None, :]
-        return up.contiguous(), down.contiguous()
+        """(up, down) of the kept components with s*sigma folded in: up @ down == U diag(s sigma) Vt.
+
+        The same fold as the learned files (`fold`), its magnitudes split as sqrt on both sides.
+        """
+        U, sigma, Vt = fold(self.U.detach(), (self.sigma * self.mask).detach(), self.Vt.detach(),
+                            self.score.detach(), keep, self.in_scale.detach(), self.out_scale.detach())
+        root = sigma.sqrt()
+        return (U * root[None, :]).contiguous(), (root[:, None] * Vt).contiguous()
+
+
+def fold(U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, score: torch.Tensor, keep: torch.Tensor,
+         in_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept components of out * U diag(s * sigma) Vt * in as plain factors (U', sigma', Vt').
+
+    s * sigma is folded into sigma', its sign into U' so that sigma' stays a magnitude (the
+    factors contract); the channel scales fold into U' (out) and Vt' (in), so the stored
+    format is the same with or without them. `keep` indexes the components kept.
+    """
+    w = (score * sigma)[keep]
+    U_kept = U[:, keep] if out_scale is None else out_scale[:, None] * U[:, keep]
+    Vt_kept = Vt[keep] if in_scale is None else Vt[keep] * in_scale[None, :]
+    return ((U_kept * torch.sign(w)[None, :]).contiguous(), w.abs().contiguous(), Vt_kept.contiguous())
 
 
 def scored_modules(model: nn.Module) -> dict[str, ScoredLinear]:

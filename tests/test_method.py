@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from soco.decompose import asvd_factors, decompose, svd_factors, svd_llm_factors
+from soco.decompose import asvd_factors, factorise, svd_factors, svd_llm_factors
 from soco.lowrank import LowRankLinear
 from soco.ranks import RankError, check_rank, lowrank_params, max_saving_rank, uniform_rank
 from soco.whitening import cholesky_whitening
@@ -54,9 +54,9 @@ def test_asvd_matches_svd_for_constant_activations():
     assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_decompose_rejects_unknown_method():
-    with pytest.raises(ValueError, match="unknown decomposition method"):
-        decompose("nope", torch.eye(3), None, None)
+def test_factorise_rejects_unknown_factorisation():
+    with pytest.raises(ValueError, match="unknown factorisation"):
+        factorise("nope", torch.eye(3), None, None)
 
 
 @pytest.mark.parametrize("m,n,r,expected", [(576, 576, 0.4, 172), (1536, 576, 0.2, 335), (192, 576, 0.6, 57),

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from pipeline import compress, load_compressed
-from pipeline.checkpoint import lowrank_from_factors
 from pipeline.layerwise import LayerwiseModel
 from pipeline.model_io import ModelSource, build_skeleton, count_materialised, find_layers
 from pipeline.stages.decompose import load_layer_factors
+from pipeline.modules import LowRank
 from pipeline.stages.evaluate import perplexity
+from cluster.executor import LocalExecutor
 from cluster.storage import Storage
 
 from conftest import tiny_config
@@ -47,8 +48,7 @@ def _compressed_in_memory(model_dir, run_dir):
     for i, layer in enumerate(layers):
         for name, f in load_layer_factors(store, i).items():
             lin = layer.get_submodule(name)
-            layer.set_submodule(name, lowrank_from_factors(f, None if lin.bias is None else lin.bias.detach(),
-                                                           torch.float32))
+            layer.set_submodule(name, LowRank.module(f, None if lin.bias is None else lin.bias.detach(), torch.float32))
     return model
 
 
@@ -72,7 +72,7 @@ def test_layerwise_perplexity_matches_full_model(tiny_llama, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
     src = ModelSource(str(tiny_llama))
     ids = torch.randint(0, len(tiny_tokenizer), (3, 20), generator=torch.Generator().manual_seed(0))
-    ppl = perplexity(LayerwiseModel(build_skeleton(src.config), src, torch.float32), ids, 2, progress=False)
+    ppl = perplexity(LocalExecutor(), src.location, False, "float32", ids, 2, progress=False)
     full = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
     with torch.no_grad():
         logits = full(ids).logits
@@ -98,6 +98,10 @@ def test_layer_streaming_holds_one_decoder_layer(tmp_path, tiny_tokenizer, text_
 
     lw = LayerwiseModel(skel, src, torch.float32, on_layer=check)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
-    perplexity(lw, ids, 2, progress=False)
+    batches = lw.embed(ids, 2)
+    for i in range(len(lw.layers)):
+        with lw.layer(i) as layer:
+            batches = lw.run_layer(layer, batches)
+    assert lw.nll(batches, ids)[1] == 2 * 15
     assert len(seen) == 6
     assert count_materialised(skel) == 0, "everything is dropped again after the pass"

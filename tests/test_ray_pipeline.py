@@ -21,20 +21,12 @@ from conftest import tiny_config  # noqa: E402
 def ray_local():
     import ray
 
-    from cluster.ray_runtime import ensure_ray
-    from cluster.ray_tasks import drop_pool
-    from pipeline.config import RayConfig
+    from cluster.ray_runtime import RaySettings, connect
     started = not ray.is_initialized()
-    ensure_ray(RayConfig())  # what compress() would start: reused by every run below
+    connect(RaySettings())  # what compress() would start: reused by every run below
     yield ray
     if started:
-        drop_pool()
         ray.shutdown()
-
-
-def _plan_rel(run) -> str:
-    import pipeline.run
-    return getattr(pipeline.run, "COARSE_PLAN", "plan.json")  # the plan the decompose stage reads
 
 
 def _files(folder, sub):
@@ -89,32 +81,36 @@ def test_ray_path_gives_the_same_perplexity_and_checkpoint(both_paths):
 
 
 def test_ray_tasks_write_the_in_process_factors_and_shards(both_paths, tiny_qwen2, text_file):
-    """On the same calibration, decompose tasks write the same factors and shard tasks the same bytes."""
-    from cluster.ray_tasks import WORKER_PEAK_RSS_MB, ray_decompose, ray_write_checkpoint
+    """On the same calibration, the decompose and assemble stages run as Ray tasks (one at a
+    time) write the same factors and the same shard bytes as in-process."""
+    from cluster.executor import RayExecutor
+    from cluster.ray_runtime import RaySettings
+    from pipeline.data import load_windows
     from pipeline.model_io import DTYPE_MAP, ModelSource
-    from pipeline.plan import Plan
-    from pipeline.stages.decompose import load_layer_factors
+    from pipeline.stages.assemble import Assemble
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.decompose import Decompose
     root, _, _ = both_paths
     run = root / "replay"
     shutil.copytree(root / "local", run, ignore=shutil.ignore_patterns("checkpoint"))
     for f in (run / "factors").glob("layer-*"):
         f.unlink()
     cfg = tiny_config(tiny_qwen2, run, text_file)
-    cfg.ray.max_in_flight = 1  # bounded submission, one at a time
+    source = ModelSource(str(tiny_qwen2))
     store = Storage(str(run))
-    results = ray_decompose(cfg, store, _plan_rel(run), "model.layers", 3, progress=False)
-    assert sorted(r["layer"] for r in results) == [0, 1, 2] and all(r["device"] == "cpu" for r in results)
-    assert WORKER_PEAK_RSS_MB and all(v > 0 for v in WORKER_PEAK_RSS_MB.values())
-    for name in _files(root / "local", "factors"):
-        ta = Storage(str(root / "local")).load_tensors(f"factors/{name}")
-        tb = store.load_tensors(f"factors/{name}")
-        assert ta.keys() == tb.keys()
-        for k in ta:
-            assert torch.allclose(ta[k], tb[k], rtol=1e-6, atol=1e-7), (name, k)
-    final = Plan.from_json(store.read_json("plan.json"))
-    meta = {"method": "svd-llm", "ratio": final.ratio, "ranks": final.ranks}
-    ray_write_checkpoint(cfg, ModelSource(str(tiny_qwen2)), final, meta, load_layer_factors, store, "checkpoint",
-                         DTYPE_MAP["float32"], progress=False)
+    windows = load_windows(str(text_file), "text", source.tokenizer(), 16, 32, 4)
+    with RayExecutor(RaySettings(), max_in_flight=1) as ex:  # bounded submission, one at a time
+        ctx = StageContext(cfg, cfg.method, source, store, DTYPE_MAP["float32"], "model.layers", 3, windows, ex,
+                           progress=False)
+        Decompose().run(ctx)
+        assert ex.peak_rss_mb and all(v > 0 for v in ex.peak_rss_mb.values())
+        for name in _files(root / "local", "factors"):
+            ta = Storage(str(root / "local")).load_tensors(f"factors/{name}")
+            tb = store.load_tensors(f"factors/{name}")
+            assert ta.keys() == tb.keys()
+            for k in ta:
+                assert torch.allclose(ta[k], tb[k], rtol=1e-6, atol=1e-7), (name, k)
+        Assemble().run(ctx)
     ca, cb = root / "local" / "checkpoint", run / "checkpoint"
     assert sorted(p.name for p in ca.iterdir()) == sorted(p.name for p in cb.iterdir())
     for p in ca.iterdir():

@@ -9,7 +9,7 @@ from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, apply_cut, exact_count, scored_modules, soft_count
+from soco.scores import ScoredLinear, apply_cut, exact_count, fold, scored_modules, soft_count
 
 
 def _tiny_scored_model(tiny_llama):
@@ -76,6 +76,24 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
             model.set_submodule(name, LowRankLinear.from_factors(up, down))
         folded = model(ids).logits
     assert torch.allclose(scored, folded, atol=1e-4, rtol=1e-4)
+
+
+def test_fold_keeps_the_components_with_sigma_a_magnitude():
+    """The fold behind the learned files: U' diag(sigma') Vt' is the kept part of
+    out * U diag(s sigma) Vt * in, sigma' >= 0 (a negative score flips its column of U'), and
+    absent channel scales fold exactly as scales of 1 (the files without them stay unchanged)."""
+    g = torch.Generator().manual_seed(3)
+    U, Vt = torch.randn(6, 5, generator=g), torch.randn(5, 7, generator=g)
+    sigma, score = torch.rand(5, generator=g) + 0.1, torch.tensor([1.2, -0.7, 0.0, 0.4, -1.5])
+    in_s, out_s = 0.5 + torch.rand(7, generator=g), 0.5 + torch.rand(6, generator=g)
+    keep = torch.tensor([0, 1, 4])
+    Uk, sk, Vk = fold(U, sigma, Vt, score, keep, in_s, out_s)
+    assert Uk.shape == (6, 3) and sk.shape == (3,) and Vk.shape == (3, 7) and bool((sk >= 0).all())
+    expected = out_s[:, None] * (U[:, keep] * (score * sigma)[keep]) @ Vt[keep] * in_s[None, :]
+    assert torch.allclose(Uk @ torch.diag(sk) @ Vk, expected, atol=1e-6)
+    assert torch.equal(Uk[:, 1], -out_s * U[:, 1])  # score -0.7: the sign moved into U
+    plain, ones = fold(U, sigma, Vt, score, keep), fold(U, sigma, Vt, score, keep, torch.ones(7), torch.ones(6))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones))
 
 
 def test_schedule_switching_rules():
@@ -242,14 +260,3 @@ def test_iterate_average_is_a_bias_corrected_ema_that_round_trips():
         IterateAverage(1.0)
     with pytest.raises(RuntimeError):
         IterateAverage(0.9).value()
-
-
-def test_schedule_defaults_agree_with_the_run_config():
-    """soco/ stays free of the pipeline's config, so ScheduleConfig repeats SocoConfig's
-    defaults for the schedule; they must not drift apart."""
-    from dataclasses import fields
-    from pipeline.config import SocoConfig
-    run = SocoConfig()
-    for f in fields(ScheduleConfig):
-        if hasattr(run, f.name):
-            assert getattr(ScheduleConfig(), f.name) == getattr(run, f.name), f.name

@@ -9,17 +9,23 @@ import torch
 from pipeline import compress
 from pipeline.config import from_dict
 
-SOCO_TINY = {"lr": 0.05, "batch_size": 2, "holdout_samples": 4, "topk": 16, "refine_steps": 6,
-             "sparsify_steps": 4, "sparsify_ramp": 2, "coarse_max_steps": 30, "eval_every": 3, "checkpoint_every": 5,
-             "launcher": "local"}
+SOCO_TINY = {"lr": 0.05, "batch_size": 2, "holdout_samples": 4, "topk": 16, "eval_every": 3, "checkpoint_every": 5,
+             "launcher": "local",
+             "schedule": {"refine_steps": 6, "sparsify_steps": 4, "sparsify_ramp": 2, "coarse_max_steps": 30}}
 
 
 def soco_config(model, output, data, **soco):
+    """SOCO_TINY with `soco` overriding it; keys of the schedule go to soco.schedule."""
+    from dataclasses import fields
+    from soco.schedule import ScheduleConfig
+    names = {f.name for f in fields(ScheduleConfig)}
+    schedule = {**SOCO_TINY["schedule"], **{k: v for k, v in soco.items() if k in names}}
+    soco = {**SOCO_TINY, **{k: v for k, v in soco.items() if k not in names}, "schedule": schedule}
     return from_dict({"model": str(model), "output": str(output),
                       "data": {"source": str(data), "calib_samples": 16, "seq_len": 32, "eval_samples": 4,
                                "batch_size": 4},
                       "compress": {"method": "soco", "ratio": 0.4},
-                      "soco": {**SOCO_TINY, **soco},
+                      "soco": soco,
                       "run": {"threads": 1, "shard_size_mb": 0.05}})
 
 
@@ -34,7 +40,7 @@ def test_soco_end_to_end_keeps_exact_budget(tmp_path, tiny_llama, text_file):
     assert len(set(ranks.values())) > 3, "learned ranks should not be uniform"
     assert learn["steps"] >= 1 and len(learn["stage_boundaries"]) >= 1
     # gradual pruning ended in the final cut; the saved ranks are its unmasked components
-    assert learn["frozen_at"] == learn["stage_boundaries"][1] + SOCO_TINY["sparsify_ramp"]  # last ramp step
+    assert learn["frozen_at"] == learn["stage_boundaries"][1] + SOCO_TINY["schedule"]["sparsify_ramp"]  # last ramp step
     saved, state, curve = _final_scores(run)
     assert {n: int(saved[f"{n}.mask"].sum()) for n in ranks} == ranks
     assert state.best_step >= learn["frozen_at"] and learn["best_holdout_kl"] == min(
@@ -63,7 +69,7 @@ def test_zero2_prunes_by_fisher_like_zero3(tmp_path, tiny_llama, text_file):
 
 def _final_scores(run):
     from cluster.storage import Storage
-    from pipeline.stages.learn import FINAL_SCORES, load_scores
+    from pipeline.stages.learning.scored_model import FINAL_SCORES, load_scores
     return load_scores(Storage(str(run)), FINAL_SCORES)
 
 
@@ -94,7 +100,11 @@ def test_zero3_two_ranks_match_one_rank(tmp_path, tiny_llama, text_file):
 def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_llama, text_file):
     from cluster.storage import Storage
     from pipeline.run import compress as run_compress
-    from pipeline.stages.learn import latest_checkpoint, learn_settings, load_scores, train_worker
+    from dataclasses import replace
+
+    from pipeline.stages.learning.job import learn_job
+    from pipeline.stages.learning.scored_model import latest_checkpoint, load_scores
+    from pipeline.stages.learning.trainer import train_worker
     from pipeline.plan import Plan
     cfg = soco_config(tiny_llama, tmp_path / "run", text_file, checkpoint_every=4, max_steps=9,
                       coarse_max_steps=3, refine_steps=20, eval_every=100)
@@ -105,9 +115,8 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     assert state8.step == 8 and len(curve8) == 8
     # continue the stage from its last checkpoint with a larger step budget
     plan = Plan.from_json(store.read_json("factors/plan.json"))
-    conf = learn_settings(cfg, plan, store, resume=True, progress=False)
-    conf["max_steps"] = 12
-    train_worker(conf)
+    job = learn_job(cfg, plan, store, resume=True, progress=False)
+    train_worker({"job": replace(job, soco=replace(job.soco, max_steps=12))})
     _, state, curve = _final_scores(tmp_path / "run")
     assert [e["step"] for e in curve] == list(range(1, 13))
     assert curve[:8] == curve8, "the resumed run keeps the history it resumed from"
@@ -127,7 +136,7 @@ def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text
     from cluster import zero
     from cluster.storage import Storage
     from pipeline.model_io import ModelSource
-    from pipeline.stages.learn import build_scored_model
+    from pipeline.stages.learning.scored_model import build_scored_model
     from soco.scores import scored_modules
     compress(soco_config(tiny_llama, tmp_path / "run", text_file, max_steps=1), progress=False)
     store, source = Storage(str(tmp_path / "run")), ModelSource(str(tiny_llama))
@@ -147,9 +156,9 @@ def test_learn_workers_get_the_run_folder_by_absolute_path(monkeypatch, tiny_lla
     must reach them as absolute paths, or they look for the factors in the wrong place."""
     from cluster.storage import Storage
     from pipeline.plan import Plan
-    from pipeline.stages.learn import learn_settings
+    from pipeline.stages.learning.job import learn_job
     monkeypatch.chdir(tiny_llama.parent)
     cfg = soco_config(tiny_llama.name, "relative-run", text_file)
-    conf = learn_settings(cfg, Plan("svd-llm", 0.0), Storage(cfg.output), resume=False, progress=False)
-    assert conf["run"] == str(tiny_llama.parent / "relative-run")
-    assert conf["model"] == str(tiny_llama)
+    job = learn_job(cfg, Plan("svd-llm", 0.0), Storage(cfg.output), resume=False, progress=False)
+    assert job.run == str(tiny_llama.parent / "relative-run")
+    assert job.model == str(tiny_llama)

@@ -1,6 +1,13 @@
-"""Calibrate: run the calibration windows through the dense model layer by layer and
-collect, for every linear of every layer, the input Gram matrix X^T X (float64) and the
-mean |x| per input channel.
+"""Calibrate: run the calibration windows through the dense model layer by layer and collect,
+for every linear of every layer, the statistics the method declares (`Method.statistics`:
+classes with `name`, `collecting(layer)`, `merge(parts)`, `save(store, i)`, `load(store, i)`;
+every method so far uses InputStats: the input Gram matrix X^T X in float64 and the mean |x|
+per input channel).
+
+Units: shares of the windows (stages/shares.py), all advanced through layer i before layer
+i + 1; per layer each share returns its raw sums, and the statistics' own `merge(parts)`
+adds them in share order on one worker, which commits the layer's file (the Gram matrices
+go worker to worker, never through the driver; at most two layers are in flight).
 
 Output contract, one file per layer, `calib/layer-00012.safetensors`:
   `<key>.gram` (n x n float64), `<key>.mean_abs` (n float64), metadata
@@ -12,7 +19,11 @@ from which SoCo's learn stage derives its distillation targets without re-runnin
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -20,9 +31,9 @@ from tqdm.auto import tqdm
 
 from cluster.storage import Storage
 
-from ..layerwise import LayerwiseModel
-from ..model_io import linear_names
-
+from ..model_io import linear_names, worker_location
+from .base import Stage, StageContext
+from .shares import WindowShare, split_windows
 
 WINDOWS_FILE = "calib/windows.safetensors"
 FINAL_HIDDEN_FILE = "calib/final-hidden.safetensors"
@@ -32,72 +43,141 @@ def calib_file(i: int) -> str:
     return f"calib/layer-{i:05d}.safetensors"
 
 
+@dataclass
 class InputStats:
-    """Forward pre-hooks that accumulate X^T X and sum |x| of each linear's input."""
+    """Sums over the calibration inputs of each linear of one layer: X^T X, sum |x|, rows.
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.alias: dict[str, str] = {}
-        self.gram: dict[str, torch.Tensor] = {}
-        self.abs_sum: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # holds x so its id is not reused
-        self._handles = []
-        for name in linear_names(layer):
-            mod = layer.get_submodule(name)
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        self._handles.append(layer.register_forward_pre_hook(lambda *_: self._seen.clear()))
+    `collecting(layer)` fills one with forward pre-hooks; `merge(parts)` adds the shares'
+    sums (in order); `save` commits the layer's file in the contract above."""
 
-    def _hook(self, name: str):
-        def hook(_mod: nn.Module, args: tuple) -> None:
-            x = args[0]
-            key = self._seen.setdefault(id(x), (name, x))[0]
-            self.alias[name] = key
-            if key != name:
-                return  # same tensor as an earlier linear of this forward: already counted
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            if name not in self.gram:
-                self.gram[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
-                self.abs_sum[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
-                self.rows[name] = 0
-            self.gram[name].addmm_(x2.T, x2)
-            self.abs_sum[name] += x2.abs().sum(0)
-            self.rows[name] += x2.shape[0]
-        return hook
+    name = "inputs"  # statistics are named in the calibrate stage's key
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+    alias: dict[str, str] = field(default_factory=dict)
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
 
-    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    @classmethod
+    @contextmanager
+    def collecting(cls, layer: nn.Module) -> Iterator["InputStats"]:
+        stats = cls()
+        seen: dict[int, tuple[str, torch.Tensor]] = {}  # holds x so that its id is not reused
+
+        def hook_for(name: str):
+            def hook(_mod: nn.Module, args: tuple) -> None:
+                x = args[0]
+                key = seen.setdefault(id(x), (name, x))[0]
+                stats.alias[name] = key
+                if key == name:  # else: the same tensor as an earlier linear's, already counted
+                    stats.add(name, x)
+            return hook
+
+        handles = [layer.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in linear_names(layer)]
+        handles.append(layer.register_forward_pre_hook(lambda *_: seen.clear()))
+        try:
+            yield stats
+        finally:
+            for h in handles:
+                h.remove()
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if name not in self.gram:
+            self.gram[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+            self.abs_sum[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
+            self.rows[name] = 0
+        self.gram[name].addmm_(x2.T, x2)
+        self.abs_sum[name] += x2.abs().sum(0)
+        self.rows[name] += x2.shape[0]
+
+    @classmethod
+    def merge(cls, parts: list["InputStats"]) -> "InputStats":
+        """The sums of all shares, added in share order."""
+        merged = cls()
+        for p in parts:
+            merged.alias.update(p.alias)
+            for key, g in p.gram.items():
+                if key in merged.gram:
+                    merged.gram[key] += g
+                    merged.abs_sum[key] += p.abs_sum[key]
+                    merged.rows[key] += p.rows[key]
+                else:
+                    merged.gram[key] = g.clone()
+                    merged.abs_sum[key] = p.abs_sum[key].clone()
+                    merged.rows[key] = p.rows[key]
+        return merged
+
+    def save(self, store: Storage, i: int) -> None:
         out = {}
         for key, g in self.gram.items():
             out[f"{key}.gram"] = g
             out[f"{key}.mean_abs"] = self.abs_sum[key] / max(self.rows[key], 1)
         rows = max(self.rows.values()) if self.rows else 0
-        return out, {"alias": json.dumps(self.alias), "tokens": str(rows)}
+        store.save_tensors(calib_file(i), out, {"alias": json.dumps(self.alias), "tokens": str(rows)})
 
 
-def load_layer_stats(store: Storage, i: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(gram, mean_abs) by linear name for layer i, resolving shared keys."""
-    tensors = store.load_tensors(calib_file(i))
-    alias = json.loads(store.tensor_metadata(calib_file(i))["alias"])
-    grams = {name: tensors[f"{key}.gram"] for name, key in alias.items()}
-    means = {name: tensors[f"{key}.mean_abs"] for name, key in alias.items()}
-    return grams, means
+    @staticmethod
+    def load(store: Storage, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """{"gram": {linear: X^T X}, "mean_abs": {linear: mean |x|}} of layer i, shared keys resolved."""
+        tensors = store.load_tensors(calib_file(i))
+        alias = json.loads(store.tensor_metadata(calib_file(i))["alias"])
+        return {"gram": {name: tensors[f"{key}.gram"] for name, key in alias.items()},
+                "mean_abs": {name: tensors[f"{key}.mean_abs"] for name, key in alias.items()}}
 
 
-@torch.no_grad()
-def run_calibrate(lw: LayerwiseModel, calib: torch.Tensor, batch_size: int, store: Storage,
-                  progress: bool = True) -> None:
-    batches = lw.embed(calib, batch_size)
-    for i in tqdm(range(len(lw.layers)), desc="calibrate", unit="layer", disable=not progress):
-        with lw.layer(i) as layer:
-            stats = InputStats(layer)
-            try:
-                batches = lw.run_layer(layer, batches)
-            finally:
-                stats.remove()
-        tensors, meta = stats.tensors()
-        store.save_tensors(calib_file(i), tensors, meta)
-    store.save_tensors(WINDOWS_FILE, {"windows": calib})
-    store.save_tensors(FINAL_HIDDEN_FILE, {"hidden": torch.cat([b.hidden for b in batches])})
+def load_layer_stats(store: Storage, i: int, statistics: tuple[type, ...] = (InputStats,)) -> dict[str, dict]:
+    """Every statistic of layer i: {statistic: {linear: tensor}}."""
+    out: dict[str, dict] = {}
+    for cls in statistics:
+        out.update(cls.load(store, i))
+    return out
+
+
+class CalibrationShare(WindowShare):
+    """A share of the calibration windows that collects statistics while it runs."""
+
+    @torch.no_grad()
+    def collect(self, i: int, statistics: tuple[type, ...]) -> list:
+        """Run layer i on this share with every statistic's hooks; their raw sums, in order."""
+        with self.lw.layer(i) as layer, contextlib.ExitStack() as hooks:
+            parts = [hooks.enter_context(cls.collecting(layer)) for cls in statistics]
+            self.batches = self.lw.run_layer(layer, self.batches)
+        return parts
+
+    def commit(self, run_url: str, i: int, statistics: tuple[type, ...], *shares: list) -> None:
+        """Merge each statistic's sums of layer i over the shares and commit its file."""
+        for k, cls in enumerate(statistics):
+            cls.merge([parts[k] for parts in shares]).save(Storage(run_url), i)
+
+    def commit_extras(self, run_url: str, windows: torch.Tensor, *hidden: torch.Tensor) -> None:
+        store = Storage(run_url)
+        store.save_tensors(WINDOWS_FILE, {"windows": windows})
+        store.save_tensors(FINAL_HIDDEN_FILE, {"hidden": torch.cat([h for h in hidden if h.numel()])})
+
+
+class Calibrate(Stage):
+    name = "calibrate"
+    contract = "2"
+    fields = ("model", "data.source", "data.text_field", "data.calib_samples", "data.seq_len", "run.dtype")
+
+    def key_extra(self, method) -> list[str]:
+        return [cls.name for cls in method.statistics]
+
+    def run(self, ctx: StageContext) -> None:
+        stats = tuple(ctx.method.statistics)
+        calib = ctx.windows.calib
+        ex = ctx.executor
+        n = ex.width(calib.shape[0])
+        url = ctx.store.worker_url()
+        with ex.group(CalibrationShare, n) as shares:
+            loc = worker_location(ctx.cfg.model)
+            bs = ctx.cfg.data.batch_size
+            shares.get(shares.each("load", [(loc, False, ctx.dtype_name, s, bs) for s in split_windows(calib, n)]))
+            in_flight = []
+            desc = "calibrate" + (f" ({n} workers)" if n > 1 else "")
+            for i in tqdm(range(ctx.n_layers), desc=desc, unit="layer", disable=not ctx.progress):
+                in_flight.append(shares.one(0, "commit", url, i, stats, *shares.all("collect", i, stats)))
+                if len(in_flight) > 1:  # at most two layers' statistics alive at once
+                    shares.get(in_flight.pop(0))
+            shares.get(in_flight)
+            shares.get(shares.one(0, "commit_extras", url, calib, *shares.all("final_hidden")))

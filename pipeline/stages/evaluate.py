@@ -1,35 +1,45 @@
-"""Evaluate: perplexity on held-out windows, computed layer by layer, and parameter counts
-read from the tensors actually stored in a checkpoint."""
+"""Evaluate: perplexity of the checkpoint (and of the dense model) on the held-out windows,
+parameter counts read from the tensors actually stored, and the report.
+
+Units: shares of the evaluation windows (stages/shares.py), each run layer by layer through
+the model; the merge adds the shares' summed NLL and token counts. `soco eval` measures a
+checkpoint with the same function.
+
+Output: `report.json` and `report.md` (the run adds its timings to both).
+"""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..layerwise import LayerwiseModel
-from ..model_io import ModelSource
+from cluster.executor import Executor
+
+from ..model_io import ModelSource, worker_location
+from .base import Stage, StageContext
+from .shares import WindowShare, split_windows
 
 
-@torch.no_grad()
-def perplexity(lw: LayerwiseModel, windows: torch.Tensor, batch_size: int,
-               transform: Callable[[int, nn.Module], nn.Module] | None = None,
-               desc: str = "evaluate", progress: bool = True) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows [M, L]."""
-    batches = lw.embed(windows, batch_size)
-    for i in tqdm(range(len(lw.layers)), desc=desc, unit="layer", disable=not progress):
-        with lw.layer(i, transform) as layer:
-            batches = lw.run_layer(layer, batches)
-    total, count = lw.nll(batches, windows)
-    return math.exp(total / count)
+def perplexity(executor: Executor, location: str, compressed: bool, dtype_name: str, windows: torch.Tensor,
+               batch_size: int, desc: str = "evaluate", progress: bool = True) -> float:
+    """exp(mean next-token NLL) of the model at `location` over non-overlapping windows [M, L]."""
+    n = executor.width(windows.shape[0])
+    with executor.group(WindowShare, n) as shares:
+        n_layers = shares.get(shares.each("load", [(location, compressed, dtype_name, s, batch_size)
+                                                   for s in split_windows(windows, n)]))[0]
+        desc = desc + (f" ({n} workers)" if n > 1 else "")
+        for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
+            shares.get(shares.all("forward", i))
+        parts = shares.get(shares.all("nll"))
+    return math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
 
 
 def stored_params(source: ModelSource, layers_name: str) -> dict[str, int]:
     """Parameter counts from the shard headers: all tensors, and the 2-D weights inside the
-    decoder layers (dense linears, or the up/down pairs that replaced them).
+    decoder layers (dense linears, or the modules that replaced them).
 
     A tied output embedding is not stored and so is counted once, as the model holds it once.
     """
@@ -45,14 +55,55 @@ def stored_params(source: ModelSource, layers_name: str) -> dict[str, int]:
     return {"total": total, "linear": linear}
 
 
-def write_report(store, report: dict) -> None:
+class Evaluate(Stage):
+    name = "evaluate"
+    contract = "1"
+    fields = ("data.eval_samples", "data.seq_len", "run.eval_dense")
+
+    def run(self, ctx: StageContext) -> None:
+        cfg, store = ctx.cfg, ctx.store
+        windows, bs = ctx.windows.eval, cfg.data.batch_size
+        ppl_c = perplexity(ctx.executor, store.worker_url() + "/checkpoint", True, ctx.dtype_name, windows, bs,
+                           "evaluate compressed", ctx.progress)
+        ppl_d = perplexity(ctx.executor, worker_location(cfg.model), False, ctx.dtype_name, windows, bs,
+                           "evaluate dense", ctx.progress) if cfg.run.eval_dense else None
+        ckpt = ModelSource(store.url("checkpoint"))
+        before, after = stored_params(ctx.source, ctx.layers_name), stored_params(ckpt, ctx.layers_name)
+        plan = ctx.method.final_plan(store)
+        report = {
+            "model": cfg.model, "method": cfg.compress.method, "ratio": cfg.compress.ratio,
+            "data": {"source": cfg.data.source, "calib_samples": cfg.data.calib_samples, "seq_len": cfg.data.seq_len,
+                     "eval_windows": int(windows.shape[0])},
+            "perplexity": {"dense": ppl_d, "compressed": ppl_c},
+            "params": {"linear_before": before["linear"], "linear_after": after["linear"],
+                       "total_before": before["total"], "total_after": after["total"]},
+            "achieved_ratio": {"linear": 1 - after["linear"] / before["linear"],
+                               "total": 1 - after["total"] / before["total"]},
+            "ranks": {"min": min(plan.ranks.values()), "max": max(plan.ranks.values()), "modules": len(plan.ranks)},
+            "checkpoint": store.url("checkpoint"),
+            "timings_s": {},
+        }
+        write_report(store, report)
+
+
+def write_report(store, report: dict[str, Any]) -> None:
     store.write_json("report.json", report)
     store.write_text("report.md", render_markdown(report))
 
 
-def render_markdown(r: dict) -> str:
+def print_summary(report: dict[str, Any], output: str) -> None:
+    """The lines a finished compression prints (the CLI and a Ray Job's driver alike)."""
+    ppl = report["perplexity"]
+    print(f"checkpoint: {report['checkpoint']}")
+    print(f"perplexity: compressed {ppl['compressed']:.3f}"
+          + (f", dense {ppl['dense']:.3f}" if ppl.get("dense") is not None else ""))
+    print(f"removed: {report['achieved_ratio']['linear']:.4f} of decoder linear parameters")
+    print(f"report: {output.rstrip('/')}/report.md")
+
+
+def render_markdown(r: dict[str, Any]) -> str:
     p, t = r["params"], r["timings_s"]
-    lines = [f"# soco compression report", "",
+    lines = ["# soco compression report", "",
              f"- model: `{r['model']}`", f"- method: `{r['method']}`, target ratio {r['ratio']}",
              f"- data: `{r['data']['source']}`: {r['data']['calib_samples']} calibration windows x "
              f"{r['data']['seq_len']} tokens (first half), {r['data']['eval_windows']} evaluation windows x "

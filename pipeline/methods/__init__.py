@@ -1,0 +1,10 @@
+"""Compression methods as registered objects (base.py says what a method declares).
+
+Importing this package registers the built-in methods: the uniform-rank baselines svd, asvd
+and svd-llm (uniform.py) and SoCo (soco.py).
+"""
+from . import soco, uniform  # noqa: F401 - registration
+from .base import Method
+from .registry import get, names, register, sections
+
+__all__ = ["Method", "get", "names", "register", "sections"]

@@ -1,0 +1,68 @@
+"""The stage contract: what every stage is, and what it is given.
+
+A stage is one module holding its per-unit work (a function or a worker class that any
+process can run), its merge, and its on-disk contract (the files it commits to the run
+folder, described in its docstring). `run(ctx)` hands the units to `ctx.executor`
+(cluster/executor.py: in this process, or Ray tasks and actors) and merges what comes back;
+no stage knows which executor it got.
+
+The stage's key in the manifest (pipeline/manifest.py) is derived from what it declares:
+`contract` (bumped when its output changes meaning), the config `fields` it reads, and the
+fields the method adds for it (`Method.key_fields(stage)`). A stage whose key matches a
+committed entry is skipped.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cluster.executor import Executor
+from cluster.storage import Storage
+
+from ..model_io import ModelSource
+
+if TYPE_CHECKING:  # only for the annotations: stages never import a method
+    from ..config import Config
+    from ..data import Windows
+    from ..methods.base import Method
+
+
+@dataclass
+class StageContext:
+    """What a run hands every stage."""
+
+    cfg: "Config"
+    method: "Method"
+    source: ModelSource
+    store: Storage
+    dtype: torch.dtype
+    layers_name: str
+    n_layers: int
+    windows: "Windows"
+    executor: Executor
+    progress: bool = True
+    resume: bool = False  # the stage was interrupted with the same inputs: go on from its checkpoints
+    report: dict[str, Any] | None = None  # what the evaluate stage measured
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+class Stage(ABC):
+    """One step of a run; see the module docstring."""
+
+    name: str
+    contract: str = "1"
+    fields: tuple[str, ...] = ()
+
+    def key_extra(self, method: "Method") -> list[str]:
+        """What else of the method the output depends on (calibrate: its statistics)."""
+        return []
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> None:
+        """Do the work and commit the outputs (a re-run overwrites them)."""

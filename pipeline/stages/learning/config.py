@@ -1,0 +1,76 @@
+"""SoCo's config section (`soco:` in a run config), its schedule nested as `soco.schedule`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from soco.schedule import ScheduleConfig
+
+from ...errors import UserError
+
+#: metadata of a field that changes how a run executes, never what it computes: such fields
+#: stay out of the stage keys (pipeline/manifest.py), so changing them reuses committed work.
+EXECUTION_ONLY = {"execution_only": True}
+
+
+@dataclass
+class SocoConfig:
+    """SoCo's learned spectrum (used when compress.method is `soco`); see soco/schedule.py."""
+
+    # Removal ratio of the svd-llm pre-truncation that gives the candidate components: below
+    # compress.ratio; negative keeps more than the dense count (each matrix capped at full
+    # rank); null = 1 - 2 * (1 - ratio): candidates worth twice the budget's parameters.
+    coarse_ratio: float | None = None
+    lr: float = 0.05  # Adam learning rate of the scores in the coarse stage
+    refine_lr_factor: float = 0.4  # the learning rates are multiplied by this after the coarse stage
+    gate_power: float = 1.0  # soft gate min(1,|s|)^p of the parameter count: 1 = L1-like, < 1 = closer to L0
+    channel_scales: bool = False  # also train a scale per input and output channel of each matrix
+    scale_lr: float = 0.01  # Adam learning rate of the channel scales
+    batch_size: int = 2  # calibration windows per step (split across workers)
+    holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
+    topk: int = 64  # teacher log-probabilities cached per token
+    max_steps: int = 300  # hard cap over all three stages
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # stages, caps, patience, weights
+    eval_every: int = 5  # steps between held-out KL evaluations
+    checkpoint_every: int = 20  # steps between score checkpoints
+    prune_by: str = "fisher"  # sparsification prunes the least important per parameter: fisher | score (|s|)
+    fisher_decay: float = 0.9  # EMA decay of the Fisher importance estimate (soco/importance.py)
+    average_decay: float = 0.9  # EMA of the pruned network's scores, evaluated and saved (soco/averaging.py); 0 = off
+    min_rank_fraction: float = 0.1  # every matrix keeps at least this share of its uniform rank
+    zero_stage: int = 3  # DeepSpeed ZeRO stage: 2 or 3
+    activation_checkpointing: bool = field(default=False, metadata=EXECUTION_ONLY)  # recompute layers in backward
+    workers: int = 1  # Ray Train workers (data-parallel ranks)
+    threads_per_worker: int = field(default=0, metadata=EXECUTION_ONLY)  # torch threads per worker; 0 = cores / workers
+    launcher: str = field(default="ray", metadata=EXECUTION_ONLY)  # ray (Ray Train TorchTrainer) | local (this process, one rank)
+    seed: int = 0
+
+    def validate(self, cfg: Any) -> None:
+        """Checks that types alone do not catch; `cfg` is the whole run config."""
+        ratio = cfg.compress.ratio
+        if self.coarse_ratio is not None and (isinstance(self.coarse_ratio, bool)
+                                              or not isinstance(self.coarse_ratio, (int, float))
+                                              or not self.coarse_ratio < ratio):
+            raise UserError(f"soco.coarse_ratio must be null or a number below compress.ratio ({ratio}), "
+                            f"got {self.coarse_ratio!r}")
+        if self.zero_stage not in (2, 3):
+            raise UserError(f"soco.zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.prune_by not in ("fisher", "score"):
+            raise UserError(f"soco.prune_by must be 'fisher' or 'score', got '{self.prune_by}'")
+        if not 0.0 <= self.fisher_decay < 1.0:
+            raise UserError(f"soco.fisher_decay must be in [0, 1), got {self.fisher_decay}")
+        if not 0.0 <= self.average_decay < 1.0:
+            raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {self.average_decay}")
+        if not 0.0 < self.gate_power <= 1.0:
+            raise UserError(f"soco.gate_power must be in (0, 1], got {self.gate_power}")
+        if self.launcher not in ("ray", "local"):
+            raise UserError(f"soco.launcher must be 'ray' or 'local', got '{self.launcher}'")
+        for key in ("batch_size", "workers", "topk", "eval_every", "checkpoint_every", "max_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"soco.{key} must be at least 1, got {getattr(self, key)}")
+        if self.batch_size % self.workers:
+            raise UserError(f"soco.batch_size ({self.batch_size}) must be a multiple of soco.workers ({self.workers})")
+        if self.launcher == "local" and self.workers != 1:
+            raise UserError("soco.launcher 'local' runs one rank: set soco.workers=1 or soco.launcher=ray")
+        if cfg.compress.method == "soco" and self.holdout_samples >= cfg.data.calib_samples:
+            raise UserError(f"soco.holdout_samples ({self.holdout_samples}) must be below data.calib_samples "
+                            f"({cfg.data.calib_samples})")

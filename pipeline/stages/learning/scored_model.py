@@ -1,0 +1,89 @@
+"""The scored model (every planned linear a ScoredLinear over its factors) and its score checkpoints.
+
+A score checkpoint (scores/*.safetensors) holds the trained tensors as `<module>.score`
+(and `.in_scale`/`.out_scale` with channel scales), `<module>.mask`, the Fisher importance
+and the iterate average (soco/importance.py, soco/averaging.py), with the schedule state and
+the training curve as JSON metadata (`state`, `curve`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from cluster.storage import Storage
+from soco.schedule import ScheduleState
+from soco.scores import ScoredLinear, scored_modules
+
+from ...layerwise import LayerwiseModel
+from ...model_io import ModelSource, build_skeleton, find_layers, materialise
+from ..decompose import load_layer_factors
+
+FINAL_SCORES = "scores/final.safetensors"
+BEST_SCORES = "scores/best.safetensors"
+TRAINED_PARTS = ("score", "in_scale", "out_scale")
+
+
+def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
+                       partitioned: Callable[[], AbstractContextManager] | None = None) -> nn.Module:
+    """The model with every planned linear replaced by a ScoredLinear over its factors.
+
+    Built one layer at a time: the dense layer is read, its linears swapped for the
+    factors, and the dense weights dropped, so peak memory is the factored model plus
+    one dense layer. With `partitioned` (a context factory: cluster.zero.partitioned_init)
+    the factors are partitioned across the ZeRO-3 ranks as each matrix is built, so a rank
+    holds its share of the factored model plus one dense layer.
+    """
+    model = build_skeleton(source.config, dtype)
+    lw = LayerwiseModel(model, source, dtype)
+    lw.load_non_layer()
+    layers_name, layers = find_layers(model)
+    for i, layer in enumerate(layers):
+        factors = load_layer_factors(store, i)
+        materialise(model, layer, f"{layers_name}.{i}", source, dtype)
+        for name, f in factors.items():
+            lin = layer.get_submodule(name)
+            bias = None if lin.bias is None else lin.bias.detach()
+            with partitioned() if partitioned else contextlib.nullcontext():
+                scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias)
+            layer.set_submodule(name, scored)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in scored_modules(model).values():
+        m.score.requires_grad_(True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def trained_tensors(mods: dict[str, ScoredLinear], scales: bool) -> dict[str, nn.Parameter]:
+    """The trainable tensors of the scored modules by checkpoint name."""
+    parts = TRAINED_PARTS if scales else TRAINED_PARTS[:1]
+    return {f"{n}.{p}": getattr(m, p) for n, m in mods.items() for p in parts}
+
+
+def save_scores(store: Storage, rel: str, tensors: dict[str, torch.Tensor], state: ScheduleState,
+                curve: list[dict]) -> None:
+    """A score checkpoint: trained tensors as `<module>.score` (and `.in_scale`/`.out_scale`)."""
+    store.save_tensors(rel, tensors, {"state": json.dumps(state.to_dict()), "curve": json.dumps(curve)})
+
+
+def load_scores(store: Storage, rel: str) -> tuple[dict[str, torch.Tensor], ScheduleState, list[dict]]:
+    t = store.load_tensors(rel)
+    meta = store.tensor_metadata(rel)
+    return t, ScheduleState.from_dict(json.loads(meta["state"])), json.loads(meta["curve"])
+
+
+def latest_checkpoint(store: Storage) -> str | None:
+    """The last periodic checkpoint (scores/step-NNNNNN.safetensors), if any."""
+    steps = sorted(n for n in store.listdir("scores") if n.startswith("step-") and n.endswith(".safetensors"))
+    return f"scores/{steps[-1]}" if steps else None
+
+
+def saved_keep(saved: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Indices of the components a score checkpoint's masks keep, per matrix."""
+    return {n: torch.nonzero(saved[f"{n}.mask"] > 0).flatten() for n in names}
