@@ -26,7 +26,7 @@ from cluster.executor import Executor, LocalExecutor, RayExecutor
 from cluster.storage import Storage
 
 from .config import Config
-from .data import load_windows
+from .data import Windows, load_windows
 from .errors import UserError
 from .manifest import Manifest
 from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
@@ -72,41 +72,46 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """
     set_threads(cfg.run.threads)
     dtype = DTYPE_MAP[cfg.run.dtype]
-    method = cfg.method
     t_load = time.perf_counter()
     source = ModelSource(cfg.model)
     tokenizer = source.tokenizer()
     model = build_skeleton(source.config, dtype)
     layers_name, layers = find_layers(model)
-    method.decomposition_plan(cfg, model)  # refuses ratios the model cannot meet, before anything is written
+    cfg.method.decomposition_plan(cfg, model)  # refuses ratios the model cannot meet, before anything is written
     d = cfg.data
     windows = load_windows(d.source, d.text_field, tokenizer, d.calib_samples, d.seq_len, d.eval_samples)
     load_s = time.perf_counter() - t_load
 
     store = Storage(cfg.output)
     created = prepare_output(store)
+    with make_executor(cfg) as executor:  # joins (or starts) Ray before anything is written
+        return _run(cfg, executor, store, created, source, dtype, layers_name, len(layers), windows, load_s, progress)
+
+
+def _run(cfg: Config, executor: Executor, store: Storage, created: bool, source: ModelSource, dtype: torch.dtype,
+         layers_name: str, n_layers: int, windows: Windows, load_s: float, progress: bool) -> dict[str, Any]:
+    """The stages in the run folder: skip what is committed for the same inputs, run the rest.
+    `created`: the run folder is new (a failure before any commit removes it again)."""
     store.makedirs()
     stages = run_stages(cfg)
     man = Manifest(store, cfg, stages)
     previous = {k: dict(v) for k, v in man.stages.items()}  # stage entries before this invocation
-    executor = make_executor(cfg)
     try:
-        with executor:
-            resumed: list[str] = []
-            stale = False
-            for stage in stages:
-                if not stale and man.done(stage.name):
-                    resumed.append(stage.name)
-                    continue
-                if not stale:
-                    man.invalidate_from(stage.name)
-                    stale = True
-                prev = previous.get(stage.name) or {}
-                ctx = StageContext(cfg, method, source, store, dtype, layers_name, len(layers), windows, executor,
-                                   progress, resume=prev.get("key") == man.keys[stage.name])
-                t0 = man.start(stage.name)
-                stage.run(ctx)
-                man.finish(stage.name, t0)
+        resumed: list[str] = []
+        stale = False
+        for stage in stages:
+            if not stale and man.done(stage.name):
+                resumed.append(stage.name)
+                continue
+            if not stale:
+                man.invalidate_from(stage.name)
+                stale = True
+            prev = previous.get(stage.name) or {}
+            ctx = StageContext(cfg, cfg.method, source, store, dtype, layers_name, n_layers, windows, executor,
+                               progress, resume=prev.get("key") == man.keys[stage.name])
+            t0 = man.start(stage.name)
+            stage.run(ctx)
+            man.finish(stage.name, t0)
         report = store.read_json("report.json")
         report["timings_s"] = {"load": round(load_s, 3)} | {
             s.name: 0.0 if s.name in resumed else man.stages[s.name]["seconds"] for s in stages}
