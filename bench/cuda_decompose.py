@@ -1,0 +1,102 @@
+"""The decompose stage on a GPU against the CPU: same factors, same perplexity.
+
+On a machine with CUDA the decompose units run their SVDs there (in-process, or in a Ray
+task given a GPU). This runs one tiny model through the whole in-process pipeline twice, once
+with the GPU visible and once with CUDA_VISIBLE_DEVICES="" (CPU), and compares the factors
+layer by layer and the perplexities. Writes bench/results/cuda_decompose.json (or --out).
+
+    python bench/cuda_decompose.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(folder: Path) -> None:
+    """A random Llama-layout model (hidden 512, 4 layers) and a byte-level tokenizer trained on bundled-free text."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    text = " ".join(f"word{i % 97} token{i % 13} piece{i % 31}." for i in range(40_000))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)],
+                            trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder / "model"), max_shard_size="4MB")
+    fast.save_pretrained(str(folder / "model"))
+    (folder / "text.txt").write_text(text)
+
+
+def child(folder: Path, out: Path) -> None:
+    import torch
+    from pipeline import compress
+    from pipeline.config import from_dict
+    t0 = time.perf_counter()
+    report = compress(from_dict({"model": str(folder / "model"), "output": str(out),
+                                 "data": {"source": str(folder / "text.txt"), "calib_samples": 32, "seq_len": 128,
+                                          "eval_samples": 8, "batch_size": 8},
+                                 "compress": {"method": "svd-llm", "ratio": 0.4}, "ray": {"enabled": False}}),
+                      progress=False)
+    print("RESULT " + json.dumps({"cuda": torch.cuda.is_available(), "seconds": time.perf_counter() - t0,
+                                  "timings_s": report["timings_s"], "perplexity": report["perplexity"]}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = ap.parse_args()
+    import torch
+    from cluster.storage import Storage
+    tmp = Path(tempfile.mkdtemp(prefix="soco-cuda-"))
+    build(tmp)
+    results = {}
+    for name, visible in (("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "0")), ("cpu", "")):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=str(ROOT))
+        r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name)], env=env,
+                           capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode or not line:
+            raise SystemExit(f"{name} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        results[name] = json.loads(line[0][7:])
+    gpu, cpu = Storage(str(tmp / "gpu")), Storage(str(tmp / "cpu"))
+    worst = {"U": 0.0, "sigma": 0.0, "Vt": 0.0, "product": 0.0}
+    for i in range(4):
+        a_, b_ = gpu.load_tensors(f"factors/layer-{i:05d}.safetensors"), cpu.load_tensors(f"factors/layer-{i:05d}.safetensors")
+        for key in a_:
+            part = key.rsplit(".", 1)[1]
+            if part == "sigma":
+                worst["sigma"] = max(worst["sigma"], float(((a_[key] - b_[key]).abs() / b_[key].abs().max()).max()))
+        for key in [k for k in a_ if k.endswith(".U")]:
+            base = key[:-2]
+            pa = (a_[f"{base}.U"] * a_[f"{base}.sigma"]) @ a_[f"{base}.Vt"]
+            pb = (b_[f"{base}.U"] * b_[f"{base}.sigma"]) @ b_[f"{base}.Vt"]
+            worst["product"] = max(worst["product"], float((pa - pb).norm() / pb.norm()))
+    out = {"device": torch.cuda.get_device_name(0) if results["gpu"]["cuda"] else "none",
+           "gpu_run_saw_cuda": results["gpu"]["cuda"], "cpu_run_saw_cuda": results["cpu"]["cuda"],
+           "decompose_s": {k: v["timings_s"]["decompose"] for k, v in results.items()},
+           "perplexity": {k: v["perplexity"] for k, v in results.items()},
+           "max_rel_sigma_diff": worst["sigma"], "max_rel_factor_product_diff": worst["product"]}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "cuda_decompose.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()
