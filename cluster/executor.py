@@ -218,11 +218,11 @@ class _Host:
 
 
 class _RayGroup(WorkerGroup):
-    def abandon(self) -> None:
-        self.executor.release()
-
     def __init__(self, executor: "RayExecutor", hosts: list[Any]) -> None:
         self.executor, self.hosts, self.size = executor, hosts, len(hosts)
+
+    def abandon(self) -> None:
+        self.executor.release()  # the hosts may be broken: the next group starts fresh ones
 
     def all(self, method: str, *args: Any) -> list[Any]:
         return [h.call.remote(method, *args) for h in self.hosts]

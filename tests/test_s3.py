@@ -49,7 +49,9 @@ def test_model_data_and_run_folder_on_s3(s3_endpoint, tiny_qwen2, text_file, tmp
     fs.invalidate_cache()
     names = {p.rsplit("/", 1)[1] for p in fs.ls("soco-test/runs/r1/checkpoint")}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= names
-    assert {"manifest.json", "report.json", "report.md", "plan.json"} <= {p.rsplit("/", 1)[1] for p in fs.ls("soco-test/runs/r1")}
+    assert {"manifest.json", "report.json", "report.md", "calib", "factors"} <= {
+        p.rsplit("/", 1)[1] for p in fs.ls("soco-test/runs/r1")}
+    assert fs.exists("soco-test/runs/r1/factors/plan.json")
     model = load_compressed("s3://soco-test/runs/r1/checkpoint")
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3, 4]])).logits
