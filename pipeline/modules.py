@@ -6,8 +6,8 @@ run's factors, and how to put an empty module of the recorded shape into a meta 
 loading never allocates the dense weights). The checkpoint's `config.json["soco"]` entry
 records each kind's modules under the kind's own key (`ranks` for low-rank modules).
 
-A method names its kind (`Method.module_kind`); a new kind (e.g. a narrower dense MLP) is a
-class here plus an entry in KINDS, and checkpoint writing and loading need no change.
+A method names each module's kind (`Method.module_specs`); a new kind is a class here plus an
+entry in KINDS, and checkpoint writing and loading need no change.
 """
 from __future__ import annotations
 
@@ -67,4 +67,29 @@ class LowRank(ModuleKind):
                              device="meta", dtype=dtype)
 
 
-KINDS: dict[str, ModuleKind] = {k.name: k for k in (LowRank(),)}
+class Narrow(ModuleKind):
+    """A dense linear with fewer output or input channels than the original (a structurally
+    pruned MLP: gate/up lose output rows, down the matching input columns). Spec: its shape
+    [out, in]. Stores `weight` (+ `bias`), built from the factors `W` (+ `b`, the pruned bias;
+    else the dense one, when the output channels were kept)."""
+
+    name, entry_key = "narrow", "shapes"
+
+    def stored(self, m: int, n: int, spec: Any, bias: bool) -> list[tuple[str, int]]:
+        out, inp = (int(x) for x in spec)
+        return [("weight", out * inp)] + ([("bias", out)] if bias else [])
+
+    def tensors(self, factors: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {"weight": factors["W"].to(dtype).contiguous()}
+        b = factors.get("b", bias)
+        if b is not None:
+            out["bias"] = b.to(dtype).contiguous()
+        return out
+
+    def skeleton(self, dense: nn.Module, spec: Any, dtype: torch.dtype) -> nn.Module:
+        out, inp = (int(x) for x in spec)
+        return nn.Linear(inp, out, bias=dense.bias is not None, device="meta", dtype=dtype)
+
+
+KINDS: dict[str, ModuleKind] = {k.name: k for k in (LowRank(), Narrow())}

@@ -75,6 +75,24 @@ def svd_llm_factors(W: torch.Tensor, gram: torch.Tensor, k: int | None = None) -
     return Factors(U, s, unwhiten_right(Vt, wh.S), wh.damping)
 
 
+def spectrum(method: str, W: torch.Tensor, gram: torch.Tensor | None, mean_abs: torch.Tensor | None,
+             alpha: float = 0.5) -> torch.Tensor:
+    """The singular values the factorisation `method` truncates (whitened for svd-llm, scaled
+    for asvd), without the singular vectors: what a rank allocation compares across matrices."""
+    W64 = W.to(torch.float64)
+    if method == "svd":
+        return torch.linalg.svdvals(W64)
+    if method == "asvd":
+        if mean_abs is None:
+            raise ValueError("asvd needs the mean |x| of the inputs")
+        return torch.linalg.svdvals(W64 * mean_abs.to(torch.float64).clamp_min(1e-6).pow(alpha)[None, :])
+    if method == "svd-llm":
+        if gram is None:
+            raise ValueError("svd-llm needs the input Gram matrix")
+        return torch.linalg.svdvals(W64 @ cholesky_whitening(gram).S)
+    raise ValueError(f"unknown factorisation {method!r}; choose one of {', '.join(FACTORIZATIONS)}")
+
+
 def factorise(method: str, W: torch.Tensor, gram: torch.Tensor | None, mean_abs: torch.Tensor | None,
               k: int | None = None, alpha: float = 0.5) -> Factors:
     """Dispatch on the factorisation name (svd | asvd | svd-llm)."""

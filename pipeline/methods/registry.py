@@ -27,4 +27,4 @@ def names() -> list[str]:
 
 def sections() -> dict[str, type]:
     """{config section name: its dataclass} of every registered method that has one."""
-    return {m.section[0]: m.section[1] for m in _METHODS.values() if m.section}
+    return {name: cls for m in _METHODS.values() for name, cls in m.sections}

@@ -14,6 +14,7 @@ from soco.ranks import coarse_ratio
 from ..stages.learning.config import SocoConfig
 from ..plan import Plan, coarse_plan, uniform_plan
 from ..stages.base import Stage
+from ..stages.decompose import Evidence
 from ..stages.learn import FINAL_PLAN, Learn, load_layer_learned
 from .base import Method
 from .registry import register
@@ -22,12 +23,12 @@ from .registry import register
 class Soco(Method):
     name = "soco"
     factorization = "svd-llm"
-    section = ("soco", SocoConfig)
+    sections = (("soco", SocoConfig),)
 
     def key_fields(self, stage: str) -> tuple[str, ...]:
         return {"decompose": ("soco.coarse_ratio",), "learn": ("soco",)}.get(stage, ())
 
-    def decomposition_plan(self, cfg: Any, model: nn.Module) -> Plan:
+    def decomposition_plan(self, cfg: Any, model: nn.Module, evidence: Evidence | None = None) -> Plan:
         """svd-llm factors pre-truncated at the coarse ratio (default: candidates worth twice
         the budget's parameters); the target itself must be reachable by every matrix."""
         uniform_plan(model, self.name, cfg.compress.ratio)  # refuses a target ratio no matrix can meet

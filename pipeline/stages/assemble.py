@@ -40,7 +40,7 @@ class Assemble(Stage):
     def run(self, ctx: StageContext) -> None:
         method, store = ctx.method, ctx.store
         final = method.final_plan(store)
-        specs = {name: (method.module_kind, spec) for name, spec in method.module_specs(final).items()}
+        specs = method.module_specs(final)
         shards, total = shard_plan(ctx.source, specs, ctx.layers_name, ctx.n_layers, ctx.dtype,
                                    int(ctx.cfg.run.shard_size_mb * 2**20))
         if store.local:
@@ -55,8 +55,9 @@ class Assemble(Stage):
                            method.layer_factors)
             ctx.executor.map(partial(_write, job), list(zip(shard_names(len(shards)), shards)), "assemble",
                              ctx.progress)
-            specs_only = {name: spec for name, (_, spec) in specs.items()}
-            entry = {"method": method.name, "ratio": final.ratio, KINDS[method.module_kind].entry_key: specs_only}
+            entry: dict = {"method": method.name, "ratio": final.ratio}
+            for name, (kind, spec) in specs.items():  # each kind's modules under its own key
+                entry.setdefault(KINDS[kind].entry_key, {})[name] = spec
             write_metadata(out, ctx.source, entry, ctx.dtype, shards, total)
             if staging is not None:
                 store.put_dir(staging, CHECKPOINT)

@@ -9,9 +9,13 @@ the SVDs run there.
 
 Input: the dense weights, `calib/layer-*.safetensors`, the plan the method made, committed
 first as `factors/plan.json` ({"method", "ratio", "ranks", "shapes"}, pipeline/plan.py).
-Output contract, one file per layer, `factors/layer-00012.safetensors`:
-  `<linear>.U` (m x k), `<linear>.sigma` (k), `<linear>.Vt` (k x n), float32, with
-  W ~ U diag(sigma) Vt; metadata `method` and `damping` (JSON {linear: whitening load}).
+A method whose plan needs every matrix's spectrum first (MGAA) gets a first pass of units
+that return the singular values of each layer's matrices; the plan is made from them.
+Output contract, one file per layer, `factors/layer-00012.safetensors`: per module, the
+tensors its kind is built from (pipeline/modules.py), float32: for a low-rank module
+`<linear>.U` (m x k), `<linear>.sigma` (k), `<linear>.Vt` (k x n) with W ~ U diag(sigma) Vt;
+for a narrower dense module `<linear>.W` (+ `<linear>.b`); metadata `method` and what the
+method records (JSON; the baselines: `damping`, {linear: whitening load}).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from cluster.storage import Storage
 from ..model_io import ModelSource, build_skeleton, worker_location
 from ..plan import Plan
 from .base import Stage, StageContext
-from .calibrate import load_layer_stats
+from .calibrate import InputStats, load_layer_stats
 
 if TYPE_CHECKING:
     from ..methods.base import Method
@@ -57,28 +61,59 @@ def unit_device() -> str | None:
     return "cuda" if torch.cuda.is_available() else None
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a plan may be made from besides the model's shapes: the run folder (its
+    calibration statistics) and, for a method that `needs_spectra`, every planned matrix's
+    singular values by qualified name."""
+
+    store: Storage
+    layers_name: str
+    n_layers: int
+    spectra: dict[str, torch.Tensor]
+
+
+def _layer_inputs(job: DecomposeJob, i: int, names: list[str], device: str | None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Layer i's weights of the named linears and its statistics, on `device`."""
+    store = Storage(job.run)
+    stats = load_layer_stats(store, i, job.method.statistics)
+    weights = ModelSource(job.model).tensors([f"{job.layers_name}.{i}.{name}.weight" for name in names])
+    weights = {name: weights[f"{job.layers_name}.{i}.{name}.weight"] for name in names}
+    if device is not None:
+        weights = {n: w.to(device) for n, w in weights.items()}
+        stats = {key: {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                 for key, v in stats.items()}
+    return weights, stats
+
+
+def layer_spectra(job: DecomposeJob, i: int) -> dict[str, torch.Tensor]:
+    """The spectrum (method.spectrum) of the linears of layer i that calibrate saw and the
+    method wants one of, by qualified name."""
+    device = unit_device()
+    names = sorted(InputStats.load(Storage(job.run), i)["gram"])
+    weights, stats = _layer_inputs(job, i, names, device)
+    out = {}
+    with torch.device(device) if device else contextlib.nullcontext():
+        for n in names:
+            s = job.method.spectrum(n, weights[n], {k: v.get(n) for k, v in stats.items()}, job.cfg)
+            if s is not None:
+                out[f"{job.layers_name}.{i}.{n}"] = s.float().cpu()
+    return out
+
+
 def decompose_layer(job: DecomposeJob, i: int) -> int:
-    """Factor the linears of layer i and commit its factors file; returns i."""
+    """Compress the planned modules of layer i (on a GPU when this process has one) and
+    commit its factors file; returns i."""
     store = Storage(job.run)
     plan = Plan.from_json(store.read_json(FACTORS_PLAN))
-    source = ModelSource(job.model)
     device = unit_device()
     ranks = plan.layer_ranks(job.layers_name, i)
-    stats = load_layer_stats(store, i, job.method.statistics)
-    weights = source.tensors([f"{job.layers_name}.{i}.{name}.weight" for name in ranks])
-    out, damping = {}, {}
-    for name, k in ranks.items():
-        W = weights[f"{job.layers_name}.{i}.{name}.weight"]
-        mine = {key: per_linear.get(name) for key, per_linear in stats.items()}
-        if device is not None:
-            W = W.to(device)
-            mine = {key: None if t is None else t.to(device) for key, t in mine.items()}
-        with torch.device(device) if device else contextlib.nullcontext():  # identities etc. go there too
-            f = job.method.factorise(W, mine, k, job.cfg)
-        out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = (
-            f.U.float().cpu().contiguous(), f.sigma.float().cpu().contiguous(), f.Vt.float().cpu().contiguous())
-        damping[name] = f.damping
-    store.save_tensors(factors_file(i), out, {"method": plan.method, "damping": json.dumps(damping)})
+    weights, stats = _layer_inputs(job, i, list(ranks), device)
+    with torch.device(device) if device else contextlib.nullcontext():  # identities etc. go there too
+        modules, meta = job.method.compress_layer(weights, stats, ranks, job.cfg)
+    out = {f"{name}.{part}": t.float().cpu().contiguous() for name, parts in modules.items() for part, t in parts.items()}
+    store.save_tensors(factors_file(i), out, {"method": plan.method} | {k: json.dumps(v) for k, v in meta.items()})
     return i
 
 
@@ -102,8 +137,13 @@ class Decompose(Stage):
     fields = ("compress.method", "compress.ratio")
 
     def run(self, ctx: StageContext) -> None:
-        plan = ctx.method.decomposition_plan(ctx.cfg, build_skeleton(ctx.source.config, ctx.dtype))
-        ctx.store.write_json(FACTORS_PLAN, plan.to_json())
         job = DecomposeJob(worker_location(ctx.cfg.model), ctx.store.worker_url(), ctx.layers_name, ctx.method, ctx.cfg)
+        spectra: dict[str, torch.Tensor] = {}
+        if ctx.method.needs_spectra:
+            for part in ctx.executor.map(partial(layer_spectra, job), range(ctx.n_layers), "spectra", ctx.progress):
+                spectra.update(part)
+        evidence = Evidence(ctx.store, ctx.layers_name, ctx.n_layers, spectra)
+        plan = ctx.method.decomposition_plan(ctx.cfg, build_skeleton(ctx.source.config, ctx.dtype), evidence)
+        ctx.store.write_json(FACTORS_PLAN, plan.to_json())
         ctx.executor.map(partial(decompose_layer, job), range(ctx.n_layers), f"decompose ({ctx.method.name})", ctx.progress)
 
