@@ -1,10 +1,14 @@
-"""Quality benchmark: perplexity of dense, svd, asvd and svd-llm at several removal ratios.
+"""Quality benchmark: perplexity of every method at several removal ratios, on the held-out
+half of the calibration text and on the held-out half of a second text of another kind.
 
-Every method and ratio goes through the real pipeline (`pipeline.compress`) in one run
-folder, so all of them share one calibration pass (same samples) and are evaluated on the
-same held-out windows. Writes bench/results/quality.{json,md}.
+Every method and ratio goes through the real pipeline (`pipeline.compress`), one run folder
+per method (its ratios share that method's calibration pass; every method calibrates on the
+same samples) and is evaluated on the same held-out windows; each checkpoint is then also
+evaluated on the same windows of the second text (`--second-data`, default bundled:c4).
+Writes bench/results/quality.{json,md} after every cell, and quality-allocation.png (MGAA's
+removal ratio per layer and sublayer beside SoCo's learned ones, when both were measured).
 
-    .venv/bin/python bench/quality.py                 # SmolLM2, wiki, 0.2/0.4/0.6
+    .venv/bin/python bench/quality.py                 # SmolLM2, wiki (+ c4), 0.2/0.4/0.6
     .venv/bin/python bench/quality.py --methods soco        # add/refresh only the soco rows
     .venv/bin/python bench/quality.py --methods soco --ratios 0.6   # refresh one cell
 """
@@ -18,6 +22,9 @@ from pathlib import Path
 from pipeline import compress
 from pipeline.config import from_dict
 
+#: the methods whose plans the allocation figure shows (ratio per layer and sublayer)
+ALLOCATED = ("svd-llm+mgaa", "soco", "soco+mgaa", "lorap")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bundled:smollm2-135m")
     ap.add_argument("--data", default="bundled:wiki")
+    ap.add_argument("--second-data", default="bundled:c4", help="second held-out text, of another kind")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm", "soco"])
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -43,7 +51,7 @@ def main() -> None:
     rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()
                                               if not (m in a.methods and float(r) in a.ratios)}
                                           for m, by in old.get("rows", {}).items()}
-    dense = old.get("dense_ppl")
+    dense, dense_second = old.get("dense_ppl"), old.get("dense_ppl_second")
     t0 = time.time()
 
     def write() -> str:
@@ -53,19 +61,36 @@ def main() -> None:
         protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
                     f"{a.calib_samples} windows x {a.seq_len} tokens from the start of the first half; evaluation = "
                     f"the first {a.eval_samples} non-overlapping windows of {a.seq_len} tokens of the second half; "
-                    f"every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); factorisation in float64, "
+                    f"svd, asvd, svd-llm: every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); +mgaa, lorap "
+                    f"and soco allocate as their method says (docs/architecture.md); factorisation in float64, "
                     f"model in float32; calibration activations from the dense model{launch}")
-        out = {"protocol": protocol, "dense_ppl": dense, "rows": rows, "wall_s": round(time.time() - t0, 1),
+        protocol += (f"; second text `{a.second_data}`: the first {a.eval_samples} windows of {a.seq_len} tokens of "
+                     "its second half, the same for every method (never used for calibration)")
+        out = {"protocol": protocol, "dense_ppl": dense, "dense_ppl_second": dense_second, "second_data": a.second_data,
+               "rows": rows, "wall_s": round(time.time() - t0, 1),
                "last_invocation": {"methods": a.methods, "ratios": a.ratios}}
         res.parent.mkdir(parents=True, exist_ok=True)
         res.with_suffix(".json").write_text(json.dumps(out, indent=2))
         table = render(out, sorted({r for by in rows.values() for r in by}))
         res.with_suffix(".md").write_text(table)
+        plot_allocation(rows, res.with_name(res.name + "-allocation.png"))
         return table
 
+    from cluster.executor import LocalExecutor
+    from pipeline.data import load_windows
+    from pipeline.model_io import ModelSource
+    from pipeline.stages.evaluate import perplexity
+    second = load_windows(a.second_data, "text", ModelSource(a.model).tokenizer(), 1, a.seq_len, a.eval_samples).eval
+
+    def second_ppl(location: str, compressed: bool) -> float:
+        return perplexity(LocalExecutor(), location, compressed, "float32", second, 8, progress=False)
+
+    if dense_second is None:
+        dense_second = second_ppl(a.model, False)
     for ratio in a.ratios:
         for method in a.methods:
-            cfg = from_dict({"model": a.model, "output": a.workdir,
+            workdir = Path(a.workdir) / method
+            cfg = from_dict({"model": a.model, "output": str(workdir),
                              "data": {"source": a.data, "calib_samples": a.calib_samples, "seq_len": a.seq_len,
                                       "eval_samples": a.eval_samples},
                              "compress": {"method": method, "ratio": ratio},
@@ -77,20 +102,70 @@ def main() -> None:
                 dense = r["perplexity"]["dense"]
             rows.setdefault(method, {})[ratio] = {
                 "ppl": r["perplexity"]["compressed"], "achieved_ratio": r["achieved_ratio"]["linear"],
+                "ppl_second": second_ppl(str(workdir / "checkpoint"), True),
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
                 "seconds": {k: v for k, v in r["timings_s"].items()}}
-            if method == "soco":
-                rows[method][ratio]["learn"] = soco_evidence(Path(a.workdir), Path(a.results).parent, ratio)
-            print(f"{method:8s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}", flush=True)
+            if method in ("soco", "soco+mgaa"):
+                rows[method][ratio]["learn"] = soco_evidence(workdir, Path(a.results).parent, ratio, method)
+            if method in ALLOCATED:
+                rows[method][ratio]["sublayer_ratios"] = sublayer_ratios(workdir)
+            print(f"{method:12s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}, "
+                  f"{a.second_data} {rows[method][ratio]['ppl_second']:.4g}", flush=True)
             write()
     print(write())
 
 
-def soco_evidence(run: Path, results: Path, ratio: float) -> dict:
+def sublayer_ratios(run: Path) -> dict[str, float]:
+    """{"<layer>.<sublayer>": removed fraction} of the final plan of a run (ranks and shapes)."""
+    final = run / "plan.json" if (run / "plan.json").exists() else run / "factors" / "plan.json"
+    plan = json.loads(final.read_text())
+    kept: dict[str, list[int]] = {}
+    for name, k in plan["ranks"].items():
+        m, n = plan["shapes"][name]
+        parts = name.split(".")
+        key = f"{parts[2]}.{parts[3]}"  # model.layers.<i>.<sublayer>.<linear>
+        stored = k * (m + n) if not (plan.get("method") == "lorap" and parts[3] == "mlp") else \
+            k * (n if parts[-1] != "down_proj" else m)
+        kept.setdefault(key, [0, 0])
+        kept[key][0] += stored
+        kept[key][1] += m * n
+    return {key: 1 - a / b for key, (a, b) in kept.items()}
+
+
+def plot_allocation(rows: dict, path: Path) -> None:
+    """Removed fraction per layer, attention and MLP, of every allocating method at each ratio."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = [(m, r) for m in ALLOCATED for r in sorted(rows.get(m, {})) if "sublayer_ratios" in rows[m][r]]
+    if not cells:
+        return
+    ratios = sorted({r for _, r in cells})
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios):
+        for method, r in cells:
+            if r != ratio:
+                continue
+            sub = rows[method][r]["sublayer_ratios"]
+            for kind, style in (("self_attn", "-"), ("mlp", "--")):
+                keys = sorted((k for k in sub if k.endswith(kind)), key=lambda k: int(k.split(".")[0]))
+                ax.plot([int(k.split(".")[0]) for k in keys], [sub[k] for k in keys], style, marker=".",
+                        label=f"{method} {'attention' if kind == 'self_attn' else 'MLP'}")
+        ax.axhline(ratio, color="grey", lw=0.8)
+        ax.set_title(f"target r={ratio}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("removed fraction of the sublayer's parameters")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def soco_evidence(run: Path, results: Path, ratio: float, method: str = "soco") -> dict:
     """Steps, wall time and out-of-order share of a SoCo run; its plots are copied beside the table."""
     import shutil
     learn = json.loads((run / "learn.json").read_text())
-    dest = results / f"soco-r{ratio}"
+    dest = results / f"{method.replace('+', '-')}-r{ratio}"
     dest.mkdir(parents=True, exist_ok=True)
     for png in (run / "plots").glob("*.png"):
         shutil.copy(png, dest / png.name)
@@ -104,12 +179,27 @@ def fmt(x: float) -> str:
 
 
 def render(out: dict, ratios: list[float]) -> str:
-    lines = [f"Protocol: {out['protocol']}.", "",
-             "| wiki ppl | " + " | ".join(f"r={r}" for r in ratios) + " |",
-             "|---|" + "---|" * len(ratios),
-             "| dense | " + " | ".join(fmt(out["dense_ppl"]) for _ in ratios) + " |"]
+    lines = [f"Protocol: {out['protocol']}.", ""]
+    second = out.get("second_data", "second text")
+    for key, title, dense in (("ppl", "wiki ppl (held-out half)", out["dense_ppl"]),
+                              ("ppl_second", f"{second} ppl (held-out half)", out.get("dense_ppl_second"))):
+        best = {r: min((by[r][key] for by in out["rows"].values() if r in by and key in by[r]), default=None)
+                for r in ratios}
+        lines += ["| " + title + " | " + " | ".join(f"r={r}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios),
+                  "| dense | " + " | ".join(fmt(dense) if dense else "-" for _ in ratios) + " |"]
+        for method, by_ratio in out["rows"].items():
+            cells = []
+            for r in ratios:
+                v = by_ratio.get(r, {}).get(key)
+                cells.append("-" if v is None else (f"**{fmt(v)}**" if v == best[r] else fmt(v)))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["| achieved ratio (checkpoint tensors) | " + " | ".join(f"r={r}" for r in ratios) + " |",
+              "|---|" + "---|" * len(ratios)]
     for method, by_ratio in out["rows"].items():
-        lines.append(f"| {method} | " + " | ".join(fmt(by_ratio[r]["ppl"]) if r in by_ratio else "-" for r in ratios) + " |")
+        lines.append(f"| {method} | " + " | ".join(
+            f"{by_ratio[r]['achieved_ratio']:.5f}" if r in by_ratio else "-" for r in ratios) + " |")
     soco = out["rows"].get("soco")
     if soco:
         lines += ["", "| soco | " + " | ".join(f"r={r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
