@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from . import __version__
@@ -77,9 +78,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and Ray send to stop a job), raised where the program is, so a
+    run stops the way Ctrl-C stops it: its manifest says failed, with the reason."""
+
+
+def _terminate(signum: int, _frame) -> None:
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         if args.command == "compress":
             return cmd_compress(args)
@@ -90,9 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"soco: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"soco: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("soco: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

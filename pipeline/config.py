@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,9 +118,14 @@ def _nested_home(cls: type, key: str, prefix: str) -> str:
     return ""
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-1 (no dot in the mantissa) as a string
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise UserError(f"config key '{where}' must be {tp.__name__}, got {value!r}")
@@ -231,7 +237,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
         if not p.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):

@@ -33,7 +33,10 @@ def read_texts(source: str, text_field: str = "text") -> str:
         return bundled_text(source.split(":", 1)[1])
     lower = source.lower()
     if lower.endswith(TEXT_SUFFIXES):
-        return _read_bytes(source).decode("utf-8")
+        try:
+            return _read_bytes(source).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"data source {source} is not UTF-8 text (byte {e.start})") from None
     if lower.endswith(JSON_SUFFIXES) or lower.endswith(".parquet"):
         import pyarrow.json as pj
         import pyarrow.parquet as pq

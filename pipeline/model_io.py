@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cluster.storage import fetch_to_cache, is_local, local_path
@@ -112,9 +112,17 @@ class ModelSource:
             by_shard.setdefault(shard, []).append(name)
         out = {}
         for shard, shard_names in by_shard.items():
-            with safe_open(self.file(shard), "pt") as f:
-                for name in shard_names:
-                    out[name] = f.get_tensor(name).clone()
+            try:
+                with safe_open(self.file(shard), "pt") as f:
+                    for name in shard_names:
+                        out[name] = f.get_tensor(name).clone()
+            except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+                raise UserError(f"cannot read {', '.join(shard_names[:2])} from {self.location}/{shard}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            for name in shard_names:
+                t = out[name]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise UserError(f"tensor '{name}' in {self.location}/{shard} holds NaN or Inf values")
         return out
 
 

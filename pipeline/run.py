@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +55,12 @@ def run_stages(cfg: Config) -> list[Stage]:
 
 
 def prepare_output(store: Storage) -> bool:
-    """Refuse an output that exists and is not a soco run folder; return True if it is new."""
+    """Refuse an output that exists and is not a soco run folder, or that cannot be a folder
+    (a local path below a regular file); return True if it is new."""
+    if store.local:
+        blocker = next((p for p in Path(store.path()).parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UserError(f"output {store.url()} cannot be created: {blocker} is a file")
     if not store.exists():
         return True
     if store.exists("manifest.json"):
