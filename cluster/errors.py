@@ -9,3 +9,7 @@ its traceback.
 
 class UserError(Exception):
     """Bad input: a config key, a path, a ratio, a model the pipeline cannot handle."""
+
+
+class Busy(UserError):
+    """Another live writer holds the folder (cluster/lease.py; the CLI exits with code 3)."""

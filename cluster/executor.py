@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from . import ray_runtime
+from .errors import UserError
 from .ray_runtime import RaySettings
 
 
@@ -53,6 +54,18 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: nothing to trim
         pass
+
+
+def _get(refs: Any) -> Any:
+    """ray.get, raising a worker's UserError as itself (one line for the user), anything else
+    with Ray's remote traceback."""
+    import ray
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), UserError):
+            raise e.cause from None
+        raise
 
 
 def worker_context() -> dict[str, Any]:
@@ -234,8 +247,7 @@ class _RayGroup(WorkerGroup):
         return self.hosts[k].call.remote(method, *args)
 
     def get(self, futures: Any) -> Any:
-        import ray
-        return ray.get(futures)
+        return _get(futures)
 
     def drop(self) -> None:
         import ray
@@ -276,7 +288,7 @@ class RayExecutor(Executor):
         def collect() -> None:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                value, pid, mb = ray.get(ref)
+                value, pid, mb = _get(ref)
                 self._note(pid, mb)
                 results[pending.pop(ref)] = value
             bar.update(len(done))

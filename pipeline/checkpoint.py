@@ -183,6 +183,8 @@ def write_shard(job: ShardJob, fname: str, entries: list[Entry]) -> int:
         else:
             t = tensors[e.name]
             out[e.name] = t.to(dtype) if t.is_floating_point() else t
+        if out[e.name].is_floating_point() and not bool(torch.isfinite(out[e.name]).all()):
+            raise UserError(f"{e.name} came out with NaN or Inf values in {job.dtype}: the checkpoint is not written")
     Storage(job.out).save_tensors(fname, out, {"format": "pt"})
     return len(out)
 

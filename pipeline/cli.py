@@ -1,6 +1,7 @@
 """`soco` command line: compress a model from a YAML config, evaluate a checkpoint.
 
-Every bad input ends with one line on stderr and exit code 2.
+Every bad input ends with one line on stderr and exit code 2; a run folder another run is
+writing, with exit code 3 ("busy").
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import os
 import signal
 import sys
+
+from cluster.errors import Busy
 
 from . import __version__
 from .errors import UserError
@@ -23,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set compress.ratio=0.6 (repeatable)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--force", action="store_true",
+                   help="write into a run folder that holds a run of another model or data source")
     c.add_argument("--address", help="join this Ray cluster (host:6379, ray://host:10001, auto); default: "
                                      "$RAY_ADDRESS, else a local Ray started in-process")
     e = sub.add_parser("eval", help="perplexity and parameter counts of a soco checkpoint")
@@ -46,7 +51,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.ray.address = args.address
-    report = compress(cfg, progress=not args.quiet)
+    report = compress(cfg, progress=not args.quiet, force=args.force)
     print_summary(report, cfg.output)
     return 0
 
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             from .jobs import run_job_command
             return run_job_command(args)
         return cmd_eval(args)
+    except Busy as e:
+        print(f"soco: busy: {e}", file=sys.stderr)
+        return 3
     except UserError as e:
         print(f"soco: error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ class Manifest:
         self.names = [s.name for s in stages]
         self.keys = stage_keys(cfg, stages)
         old = store.read_json("manifest.json") if store.exists("manifest.json") else {}
+        self.previous_config: dict[str, Any] = old.get("config", {})  # of the run that wrote the folder before
         self.stages: dict[str, dict[str, Any]] = old.get("stages", {})
         self.data: dict[str, Any] = {"soco_version": "0.1.0", "config": cfg.to_dict(), "status": "running",
                                      "stages": self.stages}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cluster.executor import Executor, LocalExecutor, RayExecutor
+from cluster.lease import Lease
 from cluster.storage import Storage
 
 from .config import Config
@@ -36,6 +37,9 @@ from .stages.base import Stage, StageContext
 from .stages.calibrate import Calibrate
 from .stages.decompose import Decompose
 from .stages.evaluate import Evaluate, write_report
+
+
+LEASE = "lease.json"  # the run folder's writer lease (cluster/lease.py)
 
 
 def set_threads(n: int) -> None:
@@ -63,18 +67,32 @@ def prepare_output(store: Storage) -> bool:
             raise UserError(f"output {store.url()} cannot be created: {blocker} is a file")
     if not store.exists():
         return True
-    if store.exists("manifest.json"):
+    if store.exists("manifest.json") or store.exists(LEASE):
         return False
     if store.listdir():
         raise UserError(f"output {store.url()} exists and is not a soco run folder; choose another output")
     return True
 
 
-def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
+def check_owner(man: Manifest, cfg: Config, force: bool) -> None:
+    """A run folder belongs to one model and one data source: refuse another unless forced."""
+    old = man.previous_config
+    if not old or force:
+        return
+    for key, new in (("model", cfg.model), ("data.source", cfg.data.source)):
+        before = old.get("model") if key == "model" else (old.get("data") or {}).get("source")
+        if before is not None and before != new:
+            raise UserError(f"run folder {man.store.url()} holds a run of {key} {before!r}, not {new!r}; "
+                            "choose another output, or pass --force to replace it")
+
+
+def compress(cfg: Config, progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Run every stage whose inputs changed and return the report (also written to the run folder).
 
     All inputs are checked before anything is written: a bad model, data source or ratio
-    fails with UserError and leaves no output behind.
+    fails with UserError and leaves no output behind. One writer at a time: the run holds a
+    lease on its folder (cluster/lease.py), and a second run gets `Busy`. A run folder of
+    another model or data source is refused unless `force`.
     """
     set_threads(cfg.run.threads)
     dtype = DTYPE_MAP[cfg.run.dtype]
@@ -91,16 +109,21 @@ def compress(cfg: Config, progress: bool = True) -> dict[str, Any]:
     store = Storage(cfg.output)
     created = prepare_output(store)
     with make_executor(cfg) as executor:  # joins (or starts) Ray before anything is written
-        return _run(cfg, executor, store, created, source, dtype, layers_name, len(layers), windows, load_s, progress)
+        store.makedirs()
+        with Lease(store, LEASE) as lease:
+            return _run(cfg, executor, store, created, lease, source, dtype, layers_name, len(layers), windows,
+                        load_s, progress, force)
 
 
-def _run(cfg: Config, executor: Executor, store: Storage, created: bool, source: ModelSource, dtype: torch.dtype,
-         layers_name: str, n_layers: int, windows: Windows, load_s: float, progress: bool) -> dict[str, Any]:
+def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: Lease, source: ModelSource,
+         dtype: torch.dtype,
+         layers_name: str, n_layers: int, windows: Windows, load_s: float, progress: bool,
+         force: bool) -> dict[str, Any]:
     """The stages in the run folder: skip what is committed for the same inputs, run the rest.
     `created`: the run folder is new (a failure before any commit removes it again)."""
-    store.makedirs()
     stages = run_stages(cfg)
     man = Manifest(store, cfg, stages)
+    check_owner(man, cfg, force)
     previous = {k: dict(v) for k, v in man.stages.items()}  # stage entries before this invocation
     try:
         resumed: list[str] = []
@@ -128,6 +151,7 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, source:
         return report
     except BaseException as e:
         if created and not any(man.done(s.name) for s in stages):
+            lease.release()
             store.rm("")  # nothing committed: leave no trace of the run
         else:
             man.set_status("failed", f"{type(e).__name__}: {e}")

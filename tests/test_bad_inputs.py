@@ -107,3 +107,68 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, tiny_llama, text_file):
     assert "stopped by signal SIGTERM" in err
     state = json.loads(manifest.read_text()) if manifest.exists() else None
     assert state is None or (state["status"] == "failed" and "SIGTERM" in state["error"])
+
+
+# --------------------------------------------------------------------------- one writer, one owner
+def _lease(folder: Path, age_s: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lease.json").write_text(json.dumps({"owner": "elsewhere:1:x", "host": "elsewhere", "pid": 1,
+                                                   "heartbeat": time.time() - age_s}))
+
+
+def test_a_live_lease_makes_the_second_writer_busy_and_a_stale_one_is_taken_over(capsys, tmp_path, tiny_llama,
+                                                                                 text_file):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    _lease(tmp_path / "out", age_s=1)
+    code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet"])
+    assert code == 3 and len(err) == 1 and err[0].startswith("soco: busy:") and "elsewhere" in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lease.json"]  # nothing else written
+    _lease(tmp_path / "out", age_s=3600)  # its holder died an hour ago
+    code, out, err = _cli(capsys, ["compress", str(cfg), "--quiet"])
+    assert code == 0, err
+    assert not (tmp_path / "out" / "lease.json").exists(), "the lease is released at the end"
+
+
+def test_two_processes_on_one_folder_one_runs_the_other_is_busy(tmp_path, tiny_llama, text_file):
+    """Started together: both reach the lease at about the same moment; one runs, the other is
+    told the folder is busy (exit 3) and prints no numbers of its own or of the other run."""
+    cfg = _config(tmp_path, tiny_llama, text_file,
+                  data={"source": str(text_file), "calib_samples": 64, "seq_len": 64, "eval_samples": 8})
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "pipeline.cli", "compress", str(cfg), "--quiet"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append((p.returncode, out, err))
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 3], [r[2][-500:] for r in results]
+    winner = next(r for r in results if r[0] == 0)
+    loser = next(r for r in results if r[0] == 3)
+    assert "perplexity: compressed" in winner[1]
+    assert "soco: busy:" in loser[2] and "perplexity" not in loser[1]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "done"
+
+
+def test_a_run_folder_of_another_model_is_refused_unless_forced(capsys, tmp_path, tiny_llama, tiny_qwen2, text_file):
+    code, _, err = _cli(capsys, ["compress", str(_config(tmp_path, tiny_llama, text_file)), "--quiet"])
+    assert code == 0, err
+    before = (tmp_path / "out" / "report.json").read_text()
+    other = _config(tmp_path, tiny_qwen2, text_file)
+    code, _, err = _cli(capsys, ["compress", str(other), "--quiet"])
+    assert code == 2 and len(err) == 1 and "--force" in err[0]
+    assert (tmp_path / "out" / "report.json").read_text() == before
+    code, _, err = _cli(capsys, ["compress", str(other), "--quiet", "--force"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["model"] == str(tiny_qwen2)
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed(capsys, tmp_path, tiny_llama, text_file):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    assert _cli(capsys, ["compress", str(cfg), "--quiet"])[0] == 0
+    (tmp_path / "out" / "soco-ckpt-killed").mkdir()
+    (tmp_path / "out" / "soco-ckpt-killed" / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet", "--set", "run.shard_size_mb=0.02"])  # assemble again
+    assert code == 0, err
+    assert not list((tmp_path / "out").glob("soco-ckpt-*"))

@@ -44,6 +44,9 @@ class Assemble(Stage):
         shards, total = shard_plan(ctx.source, specs, ctx.layers_name, ctx.n_layers, ctx.dtype,
                                    int(ctx.cfg.run.shard_size_mb * 2**20))
         if store.local:
+            for old in store.listdir():  # staging left by a run that was killed (this run holds the lease)
+                if old.startswith("soco-ckpt-"):
+                    store.rm(old)
             staging = tempfile.mkdtemp(prefix="soco-ckpt-", dir=store.path())
             out = Storage(staging)
         else:

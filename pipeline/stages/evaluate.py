@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from cluster.executor import Executor
 
+from ..errors import UserError
 from ..model_io import ModelSource, worker_location
 from .base import Stage, StageContext
 from .shares import WindowShare, split_windows
@@ -65,6 +66,9 @@ class Evaluate(Stage):
         windows, bs = ctx.windows.eval, cfg.data.batch_size
         ppl_c = perplexity(ctx.executor, store.worker_url() + "/checkpoint", True, ctx.dtype_name, windows, bs,
                            "evaluate compressed", ctx.progress)
+        if not math.isfinite(ppl_c):  # never leave a broken model published
+            store.rm("checkpoint")
+            raise UserError(f"the compressed model's perplexity is {ppl_c}: the checkpoint was removed")
         ppl_d = perplexity(ctx.executor, worker_location(cfg.model), False, ctx.dtype_name, windows, bs,
                            "evaluate dense", ctx.progress) if cfg.run.eval_dense else None
         ckpt = ModelSource(store.url("checkpoint"))
