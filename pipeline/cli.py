@@ -53,7 +53,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cfg.ray.address = args.address
     report = compress(cfg, progress=not args.quiet, force=args.force)
     print_summary(report, cfg.output)
-    return 0
+    ran = [s for s in report["timings_s"] if s != "load" and s not in report["resumed_stages"]]
+    status = "done" if ran else "nothing_to_do"
+    _result(status, output=cfg.output, ran_stages=ran, resumed_stages=report["resumed_stages"],
+            perplexity=report["perplexity"], achieved_ratio=report["achieved_ratio"]["linear"],
+            seconds=round(sum(report["timings_s"].values()), 1))
+    return EXIT[status]
+
+
+#: exit codes a scheduler can act on (README, "Scheduled batches")
+EXIT = {"done": 0, "failed": 1, "bad_input": 2, "busy": 3, "nothing_to_do": 4}
+
+
+def _result(status: str, **fields) -> None:
+    """The last line on stdout of `soco compress`: one JSON object for log scrapers."""
+    print(json.dumps({"soco": status, "exit": EXIT[status], **fields}), flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    summary = _result if args.command == "compress" else (lambda *a, **k: None)
     try:
         if args.command == "compress":
             return cmd_compress(args)
@@ -107,16 +122,23 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     except Busy as e:
         print(f"soco: busy: {e}", file=sys.stderr)
-        return 3
+        summary("busy", error=str(e))
+        return EXIT["busy"]
     except UserError as e:
         print(f"soco: error: {e}", file=sys.stderr)
-        return 2
+        summary("bad_input", error=str(e))
+        return EXIT["bad_input"]
     except Terminated as e:
         print(f"soco: {e}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("soco: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or a failure of the machine: the traceback, then the summary line
+        import traceback
+        traceback.print_exc()
+        summary("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return EXIT["failed"]
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

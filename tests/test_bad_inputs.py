@@ -172,3 +172,16 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed(capsys, tmp_path, tiny
     code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet", "--set", "run.shard_size_mb=0.02"])  # assemble again
     assert code == 0, err
     assert not list((tmp_path / "out").glob("soco-ckpt-*"))
+
+
+def test_exit_codes_and_the_json_summary_line_for_schedulers(capsys, tmp_path, tiny_llama, text_file):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    code, out, _ = _cli(capsys, ["compress", str(cfg), "--quiet"])
+    last = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and last["soco"] == "done" and last["exit"] == 0 and "calibrate" in last["ran_stages"]
+    code, out, _ = _cli(capsys, ["compress", str(cfg), "--quiet"])  # the same job again: nothing to do
+    last = json.loads(out.strip().splitlines()[-1])
+    assert code == 4 and last["soco"] == "nothing_to_do" and last["ran_stages"] == []
+    code, out, err = _cli(capsys, ["compress", str(cfg), "--quiet", "--set", "compress.ratio=2"])
+    last = json.loads(out.strip().splitlines()[-1])
+    assert code == 2 and last["soco"] == "bad_input" and "compress.ratio" in last["error"] and len(err) == 1
