@@ -80,6 +80,20 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
+    def sha256(self, rel: str) -> str:
+        """Hex SHA-256 of a file, streamed in 8 MiB blocks."""
+        return file_sha256(self.fs.open(self.path(rel), "rb"))
+
+    def files(self, rel: str) -> list[str]:
+        """Every file at or below `rel` (a file or a folder), relative to the root, sorted."""
+        if not self.exists(rel):
+            return []
+        if not self.fs.isdir(self.path(rel)):
+            return [rel]
+        base = self.path()
+        return sorted(p[len(base) + 1:] if p.startswith(base + "/") else p
+                      for p in self.fs.find(self.path(rel)))
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
@@ -136,6 +150,15 @@ class Storage:
         files = sorted(Path(local_dir).iterdir(), key=lambda p: p.name.endswith(".index.json"))
         for p in files:
             self.fs.put_file(str(p), self.path(f"{rel}/{p.name}"))
+
+
+def file_sha256(f) -> str:
+    """Hex SHA-256 of an open binary file (read in 8 MiB blocks, then closed)."""
+    h = hashlib.sha256()
+    with f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:

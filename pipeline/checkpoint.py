@@ -163,9 +163,9 @@ class ShardJob:
     layer_factors: Callable[[Storage, int], dict[str, dict[str, torch.Tensor]]]
 
 
-def write_shard(job: ShardJob, fname: str, entries: list[Entry]) -> int:
+def write_shard(job: ShardJob, fname: str, entries: list[Entry]) -> str:
     """Build one shard from the source tensors and the run's factors and write it; returns
-    the number of tensors. Holds one layer's factors at a time."""
+    its SHA-256 (the index records it). Holds one layer's factors at a time."""
     source, store, dtype = ModelSource(job.model), Storage(job.run), DTYPE_MAP[job.dtype]
     modules = sorted({(e.layer, e.module, e.local, e.kind, e.bias) for e in entries if e.module})
     copies = [e.name for e in entries if not e.module] + [b for *_, b in modules if b]
@@ -185,14 +185,16 @@ def write_shard(job: ShardJob, fname: str, entries: list[Entry]) -> int:
             out[e.name] = t.to(dtype) if t.is_floating_point() else t
         if out[e.name].is_floating_point() and not bool(torch.isfinite(out[e.name]).all()):
             raise UserError(f"{e.name} came out with NaN or Inf values in {job.dtype}: the checkpoint is not written")
-    Storage(job.out).save_tensors(fname, out, {"format": "pt"})
-    return len(out)
+    store_out = Storage(job.out)
+    store_out.save_tensors(fname, out, {"format": "pt"})
+    return store_out.sha256(fname)
 
 
 def write_metadata(out: Storage, source: ModelSource, entry: dict[str, Any], dtype: torch.dtype,
-                   shards: list[list[Entry]], total: int) -> None:
+                   shards: list[list[Entry]], total: int, checksums: list[str]) -> None:
     """config.json (with the soco entry), the tokenizer files, and the index last: its
-    presence marks a complete checkpoint."""
+    presence marks a complete checkpoint; it records every shard's SHA-256, which loading
+    verifies."""
     import os
     import tempfile
     c = source.config.to_dict()
@@ -206,18 +208,20 @@ def write_metadata(out: Storage, source: ModelSource, entry: dict[str, Any], dty
     out.write_bytes("config.json", json.dumps(c, indent=2).encode())
     names = shard_names(len(shards))
     weight_map = {e.name: names[k] for k, entries in enumerate(shards) for e in entries}
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"total_size": total, "soco_sha256": dict(zip(names, checksums))},
+             "weight_map": dict(sorted(weight_map.items()))}
     out.write_bytes("model.safetensors.index.json", json.dumps(index, indent=2).encode())
 
 
 # --------------------------------------------------------------------------- loading
 def load_compressed(path: str, dtype: str | torch.dtype | None = None,
-                    storage_options: dict[str, Any] | None = None) -> nn.Module:
-    """Load a soco checkpoint (local folder or fsspec URL) as a ready-to-run model.
+                    storage_options: dict[str, Any] | None = None, verify: bool = True) -> nn.Module:
+    """Load a soco checkpoint (local folder or fsspec URL) as a ready-to-run model; every
+    shard is checked against the SHA-256 its index records unless `verify` is False.
 
     >>> model = pipeline.load_compressed("runs/default/checkpoint")
     """
-    source = ModelSource(path, storage_options)
+    source = ModelSource(path, storage_options, verify=verify)
     if soco_entry(source.config) is None:
         raise UserError(f"{path} is not a soco checkpoint (config.json has no soco entry)")
     if dtype is None:

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-samples", type=int, default=32, help="held-out windows (0 = all)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--no-verify", action="store_true", help="skip checking the shards against their recorded SHA-256")
     from .jobs import add_job_parsers
     add_job_parsers(sub)  # submit / status / logs (Ray Jobs)
     return p
@@ -81,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     set_threads(0)
     if args.seq_len < 1 or args.batch_size < 1 or args.eval_samples < 0:
         raise UserError("--seq-len and --batch-size must be >= 1 and --eval-samples >= 0")
-    src = ModelSource(args.checkpoint)
+    src = ModelSource(args.checkpoint, verify=not args.no_verify)
     dtype_name = str(getattr(src.config, "dtype", None) or "float32").replace("torch.", "")
     if dtype_name not in ("float32", "bfloat16", "float16"):
         dtype_name = "float32"
@@ -89,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     layers_name, _ = find_layers(build_skeleton(src.config))
     w = load_windows(args.data, args.text_field, src.tokenizer(), 1, args.seq_len, args.eval_samples)
     ppl = perplexity(LocalExecutor(), src.location, entry is not None, dtype_name, w.eval, args.batch_size,
-                     progress=not args.quiet)
+                     progress=not args.quiet, verify=not args.no_verify)
     out = {"checkpoint": args.checkpoint, "perplexity": ppl, "eval_windows": int(w.eval.shape[0]),
            "seq_len": args.seq_len, "params": stored_params(src, layers_name),
            "compressed_modules": len(entry_modules(entry)) if entry else 0}

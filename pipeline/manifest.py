@@ -1,6 +1,9 @@
 """The run manifest: resolved config, and for each stage whether it is committed and for
 which inputs.
 
+Each committed stage also records the SHA-256 of every file it committed; a resumed run
+verifies them and runs a stage again whose files are damaged or missing (saying so).
+
 Each stage has a key, a hash of exactly what it depends on: its contract version, the config
 fields it declares, the fields the method adds for it, and the key of the stage before it
 (so a change upstream reruns everything after). Calibration depends on the model and the
@@ -56,9 +59,23 @@ class Manifest:
         self.save()
         return time.perf_counter()
 
-    def finish(self, stage: str, t0: float, **extra: Any) -> None:
-        self.stages[stage].update(status="done", seconds=round(time.perf_counter() - t0, 3), **extra)
+    def finish(self, stage: str, t0: float, outputs: Sequence[str] = ()) -> None:
+        """Commit the stage: its time, and the checksum of every file of its `outputs`."""
+        seconds = round(time.perf_counter() - t0, 3)
+        files = {rel: self.store.sha256(rel) for out in outputs for rel in self.store.files(out)}
+        self.stages[stage].update(status="done", seconds=seconds, files=files)
         self.save()
+
+    def damaged(self, stage: str) -> list[str]:
+        """The committed files of a done stage that are missing or no longer have their checksum."""
+        bad = []
+        for rel, digest in (self.stages.get(stage, {}).get("files") or {}).items():
+            try:
+                if self.store.sha256(rel) != digest:
+                    bad.append(rel)
+            except FileNotFoundError:
+                bad.append(rel)
+        return bad
 
     def invalidate_from(self, stage: str) -> None:
         """Forget this stage and every later one (and entries of stages this run does not have)."""

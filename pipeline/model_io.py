@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cluster.storage import fetch_to_cache, is_local, local_path
+from cluster.storage import fetch_to_cache, file_sha256, is_local, local_path
 
 from .errors import UserError
 
@@ -40,7 +40,12 @@ class ModelSource:
     tensors are then read from them lazily (safetensors memory-maps the file).
     """
 
-    def __init__(self, location: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, location: str, storage_options: dict[str, Any] | None = None, verify: bool = True) -> None:
+        """`verify`: check each shard against the SHA-256 its index records (checkpoints written
+        by soco record them), once per shard and process, before reading from it."""
+        self.verify = verify
+        self.checksums: dict[str, str] = {}
+        self._verified: set[str] = set()
         if location.startswith("bundled:"):
             from .bundled import bundled_model_dir
             location = bundled_model_dir(location.split(":", 1)[1])
@@ -54,8 +59,13 @@ class ModelSource:
         from transformers import AutoConfig
         self.config = AutoConfig.from_pretrained(os.path.dirname(self.file("config.json")))
         if self._exists("model.safetensors.index.json"):
-            with open(self.file("model.safetensors.index.json")) as f:
-                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+            try:
+                with open(self.file("model.safetensors.index.json")) as f:
+                    index = json.load(f)
+                self.weight_map: dict[str, str] = index["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"the weight index of {location} is damaged: {type(e).__name__}: {e}") from None
+            self.checksums = (index.get("metadata") or {}).get("soco_sha256") or {}
         elif self._exists("model.safetensors"):
             with safe_open(self.file("model.safetensors"), "pt") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
@@ -74,10 +84,20 @@ class ModelSource:
         return fs.exists(p)
 
     def file(self, name: str) -> str:
-        """Local path of a file of the model folder (fetched into the cache when remote)."""
-        if not self.remote:
-            return os.path.join(local_path(self.location), name)
-        return fetch_to_cache(self._url(name), self.storage_options)
+        """Local path of a file of the model folder (fetched into the cache when remote),
+        verified against its recorded checksum (see __init__)."""
+        path = os.path.join(local_path(self.location), name) if not self.remote else \
+            fetch_to_cache(self._url(name), self.storage_options)
+        if self.verify and name in self.checksums and name not in self._verified:
+            try:
+                digest = file_sha256(open(path, "rb"))
+            except FileNotFoundError:
+                raise UserError(f"{self.location}/{name} is missing") from None
+            if digest != self.checksums[name]:
+                raise UserError(f"{self.location}/{name} is damaged: its SHA-256 is not the one its index records "
+                                "(soco eval --no-verify skips the check)")
+            self._verified.add(name)
+        return path
 
     def tokenizer_dir(self) -> str:
         """A local folder holding the tokenizer files (the cache folder when remote)."""

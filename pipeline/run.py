@@ -12,11 +12,13 @@ Run folder (local path or fsspec URL):
                                 U, sigma, Vt of layer 12's linears (stages/decompose.py)
   plan.json, learned/, scores/  SoCo's final ranks and learned factors (stages/learn.py)
   checkpoint/                   Hugging Face layout, published whole (stages/assemble.py)
-  report.json, report.md        perplexity, parameter counts, ratios, timings (stages/evaluate.py)
+  evaluation.json               perplexity and parameter counts (stages/evaluate.py)
+  report.json, report.md        the evaluation with the run's timings
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from .stages.assemble import Assemble
 from .stages.base import Stage, StageContext
 from .stages.calibrate import Calibrate
 from .stages.decompose import Decompose
-from .stages.evaluate import Evaluate, write_report
+from .stages.evaluate import EVALUATION, Evaluate, write_report
 
 
 LEASE = "lease.json"  # the run folder's writer lease (cluster/lease.py)
@@ -130,8 +132,12 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
         stale = False
         for stage in stages:
             if not stale and man.done(stage.name):
-                resumed.append(stage.name)
-                continue
+                damaged = man.damaged(stage.name)
+                if not damaged:
+                    resumed.append(stage.name)
+                    continue
+                print(f"soco: {stage.name}: {len(damaged)} committed file(s) damaged or missing "
+                      f"({', '.join(damaged[:3])}): running it again", file=sys.stderr, flush=True)
             if not stale:
                 man.invalidate_from(stage.name)
                 stale = True
@@ -140,8 +146,8 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
                                progress, resume=prev.get("key") == man.keys[stage.name])
             t0 = man.start(stage.name)
             stage.run(ctx)
-            man.finish(stage.name, t0)
-        report = store.read_json("report.json")
+            man.finish(stage.name, t0, stage.outputs)
+        report = store.read_json(EVALUATION)
         report["timings_s"] = {"load": round(load_s, 3)} | {
             s.name: 0.0 if s.name in resumed else man.stages[s.name]["seconds"] for s in stages}
         report["resumed_stages"] = resumed

@@ -185,3 +185,39 @@ def test_exit_codes_and_the_json_summary_line_for_schedulers(capsys, tmp_path, t
     code, out, err = _cli(capsys, ["compress", str(cfg), "--quiet", "--set", "compress.ratio=2"])
     last = json.loads(out.strip().splitlines()[-1])
     assert code == 2 and last["soco"] == "bad_input" and "compress.ratio" in last["error"] and len(err) == 1
+
+
+# --------------------------------------------------------------------------- integrity
+def test_zeroed_bytes_in_a_checkpoint_shard_are_caught_by_eval_and_the_loader(capsys, tmp_path, tiny_llama,
+                                                                               text_file):
+    from pipeline import load_compressed
+    from pipeline.errors import UserError
+    assert _cli(capsys, ["compress", str(_config(tmp_path, tiny_llama, text_file)), "--quiet"])[0] == 0
+    ckpt = tmp_path / "out" / "checkpoint"
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = ckpt / sorted(index["metadata"]["soco_sha256"])[-1]
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)  # zero the tail of the last tensor: still a valid safetensors file
+    shard.write_bytes(bytes(data))
+    code, _, err = _cli(capsys, ["eval", str(ckpt), "--data", str(text_file), "--seq-len", "16", "--eval-samples", "2",
+                                 "--quiet"])
+    assert code == 2 and len(err) == 1 and "damaged" in err[0] and shard.name in err[0]
+    with pytest.raises(UserError, match="damaged"):
+        load_compressed(str(ckpt))
+    code, out, _ = _cli(capsys, ["eval", str(ckpt), "--data", str(text_file), "--seq-len", "16", "--eval-samples", "2",
+                                 "--quiet", "--no-verify"])
+    assert code == 0 and json.loads(out)["perplexity"] > 1
+    load_compressed(str(ckpt), verify=False)
+
+
+def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny_llama, text_file):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    assert _cli(capsys, ["compress", str(cfg), "--quiet"])[0] == 0
+    first = (tmp_path / "out" / "checkpoint" / "model.safetensors.index.json").read_text()
+    calib = tmp_path / "out" / "calib" / "layer-00001.safetensors"
+    calib.write_bytes(calib.read_bytes()[:100])  # truncated
+    code, out, err = _cli(capsys, ["compress", str(cfg), "--quiet"])
+    assert code == 0, err
+    assert any("calibrate" in line and "layer-00001" in line and "running it again" in line for line in err)
+    assert json.loads(out.strip().splitlines()[-1])["ran_stages"][0] == "calibrate"
+    assert (tmp_path / "out" / "checkpoint" / "model.safetensors.index.json").read_text() == first

@@ -119,13 +119,20 @@ def test_ray_tasks_write_the_in_process_factors_and_shards(both_paths, tiny_qwen
 
 
 def test_ray_task_failure_fails_the_stage_and_the_run(tmp_path, tiny_llama, text_file, ray_local):
-    """A task that fails (its calibration file is gone) surfaces as the stage's error."""
-    cfg = tiny_config(tiny_llama, tmp_path / "run", text_file)
-    compress(cfg, progress=False)
-    (tmp_path / "run" / "calib" / "layer-00001.safetensors").unlink()
-    cfg.compress.ratio = 0.3  # decompose reruns, reading the missing file
-    with pytest.raises(Exception) as e:
-        compress(cfg, progress=False)
-    assert "layer-00001" in str(e.value)
+    """A task that fails (a shard of the model is gone) surfaces as the stage's error, as one
+    line when it is bad input; the manifest says failed."""
     import json
+
+    from pipeline.errors import UserError
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    cfg = tiny_config(model, tmp_path / "run", text_file)
+    compress(cfg, progress=False)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.1.self_attn.q_proj.weight"]
+    (model / shard).unlink()
+    cfg.compress.ratio = 0.3  # decompose reruns on Ray, reading the missing shard
+    with pytest.raises(UserError) as e:
+        compress(cfg, progress=False)
+    assert shard in str(e.value) and len(str(e.value).splitlines()) == 1
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"

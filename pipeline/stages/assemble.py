@@ -28,13 +28,14 @@ from .base import Stage, StageContext
 CHECKPOINT = "checkpoint"
 
 
-def _write(job: ShardJob, item: tuple) -> int:
+def _write(job: ShardJob, item: tuple) -> str:
     return write_shard(job, *item)
 
 
 class Assemble(Stage):
     name = "assemble"
     contract = "1"
+    outputs = (CHECKPOINT,)
     fields = ("run.dtype", "run.shard_size_mb")
 
     def run(self, ctx: StageContext) -> None:
@@ -56,12 +57,12 @@ class Assemble(Stage):
         try:
             job = ShardJob(worker_location(ctx.cfg.model), store.worker_url(), out.worker_url(), ctx.dtype_name,
                            method.layer_factors)
-            ctx.executor.map(partial(_write, job), list(zip(shard_names(len(shards)), shards)), "assemble",
-                             ctx.progress)
+            checksums = ctx.executor.map(partial(_write, job), list(zip(shard_names(len(shards)), shards)),
+                                         "assemble", ctx.progress)
             entry: dict = {"method": method.name, "ratio": final.ratio}
             for name, (kind, spec) in specs.items():  # each kind's modules under its own key
                 entry.setdefault(KINDS[kind].entry_key, {})[name] = spec
-            write_metadata(out, ctx.source, entry, ctx.dtype, shards, total)
+            write_metadata(out, ctx.source, entry, ctx.dtype, shards, total, checksums)
             if staging is not None:
                 store.put_dir(staging, CHECKPOINT)
                 staging = None

@@ -9,7 +9,8 @@ no stage knows which executor it got.
 The stage's key in the manifest (pipeline/manifest.py) is derived from what it declares:
 `contract` (bumped when its output changes meaning), the config `fields` it reads, and the
 fields the method adds for it (`Method.key_fields(stage)`). A stage whose key matches a
-committed entry is skipped.
+committed entry, and whose `outputs` still have the checksums recorded when it committed
+them, is skipped; a damaged or missing file makes it run again.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Stage(ABC):
     name: str
     contract: str = "1"
     fields: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()  # files and folders it commits: their checksums go into the manifest
 
     def key_extra(self, method: "Method") -> list[str]:
         """What else of the method the output depends on (calibrate: its statistics)."""

@@ -158,6 +158,7 @@ class CalibrationShare(WindowShare):
 class Calibrate(Stage):
     name = "calibrate"
     contract = "2"
+    outputs = ("calib",)
     fields = ("model", "data.source", "data.text_field", "data.calib_samples", "data.seq_len", "run.dtype")
 
     def key_extra(self, method) -> list[str]:

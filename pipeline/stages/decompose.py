@@ -134,6 +134,7 @@ def load_layer_factors(store: Storage, i: int) -> dict[str, dict[str, torch.Tens
 class Decompose(Stage):
     name = "decompose"
     contract = "1"
+    outputs = ("factors",)
     fields = ("compress.method", "compress.ratio")
 
     def run(self, ctx: StageContext) -> None:

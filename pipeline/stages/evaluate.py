@@ -5,7 +5,8 @@ Units: shares of the evaluation windows (stages/shares.py), each run layer by la
 the model; the merge adds the shares' summed NLL and token counts. `soco eval` measures a
 checkpoint with the same function.
 
-Output: `report.json` and `report.md` (the run adds its timings to both).
+Output: `evaluation.json` (what was measured); the run writes `report.json` and `report.md`
+from it with its timings.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from .shares import WindowShare, split_windows
 
 
 def perplexity(executor: Executor, location: str, compressed: bool, dtype_name: str, windows: torch.Tensor,
-               batch_size: int, desc: str = "evaluate", progress: bool = True) -> float:
+               batch_size: int, desc: str = "evaluate", progress: bool = True, verify: bool = True) -> float:
     """exp(mean next-token NLL) of the model at `location` over non-overlapping windows [M, L]."""
     n = executor.width(windows.shape[0])
     with executor.group(WindowShare, n) as shares:
-        n_layers = shares.get(shares.each("load", [(location, compressed, dtype_name, s, batch_size)
+        n_layers = shares.get(shares.each("load", [(location, compressed, dtype_name, s, batch_size, verify)
                                                    for s in split_windows(windows, n)]))[0]
         desc = desc + (f" ({n} workers)" if n > 1 else "")
         for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
@@ -56,9 +57,13 @@ def stored_params(source: ModelSource, layers_name: str) -> dict[str, int]:
     return {"total": total, "linear": linear}
 
 
+EVALUATION = "evaluation.json"
+
+
 class Evaluate(Stage):
     name = "evaluate"
-    contract = "1"
+    contract = "2"
+    outputs = (EVALUATION,)
     fields = ("data.eval_samples", "data.seq_len", "run.eval_dense")
 
     def run(self, ctx: StageContext) -> None:
@@ -87,7 +92,7 @@ class Evaluate(Stage):
             "checkpoint": store.url("checkpoint"),
             "timings_s": {},
         }
-        write_report(store, report)
+        store.write_json(EVALUATION, report)
 
 
 def write_report(store, report: dict[str, Any]) -> None:

@@ -85,6 +85,7 @@ class Learn(Stage):
 
     name = "learn"
     contract = "1"
+    outputs = ("teacher", "scores/final.safetensors", "learned", FINAL_PLAN, "learn.json")
 
     def run(self, ctx: StageContext) -> None:
         from .decompose import FACTORS_PLAN

@@ -22,9 +22,11 @@ class WindowShare:
         self.batches: list[Batch] = []
         self.windows: torch.Tensor | None = None
 
-    def load(self, location: str, compressed: bool, dtype_name: str, windows: torch.Tensor, batch_size: int) -> int:
-        """Build the (compressed or dense) model from `location` and embed the windows; the layer count."""
-        source = ModelSource(location)
+    def load(self, location: str, compressed: bool, dtype_name: str, windows: torch.Tensor, batch_size: int,
+             verify: bool = True) -> int:
+        """Build the (compressed or dense) model from `location` and embed the windows; the layer
+        count. `verify`: check shards against their recorded checksums (model_io.ModelSource)."""
+        source = ModelSource(location, verify=verify)
         dtype = DTYPE_MAP[dtype_name]
         model = compressed_skeleton(source.config, dtype) if compressed else build_skeleton(source.config, dtype)
         self.lw = LayerwiseModel(model, source, dtype)
