@@ -118,8 +118,7 @@ def compress(cfg: Config, progress: bool = True, force: bool = False) -> dict[st
 
 
 def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: Lease, source: ModelSource,
-         dtype: torch.dtype,
-         layers_name: str, n_layers: int, windows: Windows, load_s: float, progress: bool,
+         dtype: torch.dtype, layers_name: str, n_layers: int, windows: Windows, load_s: float, progress: bool,
          force: bool) -> dict[str, Any]:
     """The stages in the run folder: skip what is committed for the same inputs, run the rest.
     `created`: the run folder is new (a failure before any commit removes it again)."""
@@ -128,7 +127,8 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
     check_owner(man, cfg, force)
     previous = {k: dict(v) for k, v in man.stages.items()}  # stage entries before this invocation
     try:
-        resumed: list[str] = []
+        resumed: list[str] = []  # committed before: skipped
+        continued: list[str] = []  # interrupted before with the same inputs: picked up where they were (SoCo's learn)
         stale = False
         for stage in stages:
             if not stale and man.done(stage.name):
@@ -138,12 +138,16 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
                     continue
                 print(f"soco: {stage.name}: {len(damaged)} committed file(s) damaged or missing "
                       f"({', '.join(damaged[:3])}): running it again", file=sys.stderr, flush=True)
+            prev = previous.get(stage.name) or {}
+            # the stage this run was interrupted in, with the same inputs, goes on from its checkpoints
+            resume = not stale and prev.get("key") == man.keys[stage.name] and prev.get("status") != "done"
             if not stale:
                 man.invalidate_from(stage.name)
                 stale = True
-            prev = previous.get(stage.name) or {}
+            if resume:
+                continued.append(stage.name)
             ctx = StageContext(cfg, cfg.method, source, store, dtype, layers_name, n_layers, windows, executor,
-                               progress, resume=prev.get("key") == man.keys[stage.name])
+                               progress, resume=resume)
             t0 = man.start(stage.name)
             stage.run(ctx)
             man.finish(stage.name, t0, stage.outputs)
@@ -151,6 +155,7 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
         report["timings_s"] = {"load": round(load_s, 3)} | {
             s.name: 0.0 if s.name in resumed else man.stages[s.name]["seconds"] for s in stages}
         report["resumed_stages"] = resumed
+        report["continued_stages"] = continued
         report["worker_peak_rss_mb"] = {str(pid): round(mb, 1) for pid, mb in executor.peak_rss_mb.items()}
         write_report(store, report)
         man.set_status("done")

@@ -105,20 +105,20 @@ class Lorap(Method):
             low = {n: max(1, math.floor(lc.min_rank_fraction * (1 - ratio) * shapes[n][0] * shapes[n][1] / costs[n]))
                    for n in attn}
             high = {n: max_saving_rank(*shapes[n]) for n in attn}
-            if evidence is None:  # before anything is written: the minimum ranks must fit
+            if evidence is None:  # before anything is written: the minimum ranks must fit; no carry
                 if sum(low[n] * costs[n] for n in attn) > budget:
                     raise UserError(f"ratio {ratio} leaves layer {i}'s attention too few parameters for lorap")
-                got = low
+                got, carry = low, 0
             else:
                 got = energy_ranks({n: evidence.spectra[n] for n in attn}, costs, budget, low, high)
+                carry = budget - sum(got[n] * costs[n] for n in attn)
             ranks.update(got)
-            carry = budget - sum(got[n] * costs[n] for n in attn)
             gate_m, gate_n = shapes[prefix + "mlp.gate_proj"]  # intermediate x hidden
             mlp_params = 3 * gate_m * gate_n
             per_channel = 3 * gate_n
-            k = (math.floor((1 - ratio) * mlp_params) + carry) // per_channel
-            if not 1 <= k < gate_m:
-                raise UserError(f"ratio {ratio} keeps {k} of layer {i}'s {gate_m} MLP channels")
+            k = min(gate_m - 1, (math.floor((1 - ratio) * mlp_params) + carry) // per_channel)
+            if k < 1:
+                raise UserError(f"ratio {ratio} keeps no MLP channel of layer {i}")
             ranks.update({prefix + n: k for n in MLP})
             carry = math.floor((1 - ratio) * mlp_params) + carry - k * per_channel
         return Plan(self.name, ratio, ranks, shapes)
