@@ -147,9 +147,10 @@ def plot_allocation(rows: dict, path: Path) -> None:
             if r != ratio:
                 continue
             sub = rows[method][r]["sublayer_ratios"]
+            color = f"C{ALLOCATED.index(method)}"  # one colour per method in every panel
             for kind, style in (("self_attn", "-"), ("mlp", "--")):
                 keys = sorted((k for k in sub if k.endswith(kind)), key=lambda k: int(k.split(".")[0]))
-                ax.plot([int(k.split(".")[0]) for k in keys], [sub[k] for k in keys], style, marker=".",
+                ax.plot([int(k.split(".")[0]) for k in keys], [sub[k] for k in keys], style, marker=".", color=color,
                         label=f"{method} {'attention' if kind == 'self_attn' else 'MLP'}")
         ax.axhline(ratio, color="grey", lw=0.8)
         ax.set_title(f"target r={ratio}")
