@@ -108,27 +108,28 @@ def main() -> None:
             if method in ("soco", "soco+mgaa"):
                 rows[method][ratio]["learn"] = soco_evidence(workdir, Path(a.results).parent, ratio, method)
             if method in ALLOCATED:
-                rows[method][ratio]["sublayer_ratios"] = sublayer_ratios(workdir)
+                rows[method][ratio]["sublayer_ratios"] = removed_per_sublayer(workdir, method)
             print(f"{method:12s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}, "
                   f"{a.second_data} {rows[method][ratio]['ppl_second']:.4g}", flush=True)
             write()
     print(write())
 
 
-def sublayer_ratios(run: Path) -> dict[str, float]:
-    """{"<layer>.<sublayer>": removed fraction} of the final plan of a run (ranks and shapes)."""
+def removed_per_sublayer(run: Path, method: str) -> dict[str, float]:
+    """{"<layer>.<sublayer>": removed fraction} of a run's final plan, counted with the
+    module kinds' own sizes (pipeline/modules.py), as the checkpoint stores them."""
+    from pipeline.methods import get
+    from pipeline.modules import KINDS
+    from pipeline.plan import Plan
     final = run / "plan.json" if (run / "plan.json").exists() else run / "factors" / "plan.json"
-    plan = json.loads(final.read_text())
+    plan = Plan.from_json(json.loads(final.read_text()))
     kept: dict[str, list[int]] = {}
-    for name, k in plan["ranks"].items():
-        m, n = plan["shapes"][name]
-        parts = name.split(".")
-        key = f"{parts[2]}.{parts[3]}"  # model.layers.<i>.<sublayer>.<linear>
-        stored = k * (m + n) if not (plan.get("method") == "lorap" and parts[3] == "mlp") else \
-            k * (n if parts[-1] != "down_proj" else m)
-        kept.setdefault(key, [0, 0])
-        kept[key][0] += stored
-        kept[key][1] += m * n
+    for name, (kind, spec) in get(method).module_specs(plan).items():
+        m, n = plan.shapes[name]
+        parts = name.split(".")  # model.layers.<i>.<sublayer>.<linear>
+        k = kept.setdefault(f"{parts[2]}.{parts[3]}", [0, 0])
+        k[0] += sum(numel for _, numel in KINDS[kind].stored(m, n, spec, False))
+        k[1] += m * n
     return {key: 1 - a / b for key, (a, b) in kept.items()}
 
 
