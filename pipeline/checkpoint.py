@@ -17,6 +17,7 @@ dense weight is ever allocated.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -103,7 +104,7 @@ def shard_plan(source: ModelSource, specs: dict[str, tuple[str, Any]], layers_na
     def nbytes_copy(name: str) -> int:
         dt, shape = heads[name]
         floating = dt.startswith(("F", "BF"))
-        return _numel(shape) * (size_of_dtype if floating else _ITEMSIZE[dt])
+        return math.prod(shape) * (size_of_dtype if floating else _ITEMSIZE[dt])
 
     order: list[tuple[Entry, int]] = []
     for name in sorted(source.weight_map):
@@ -136,13 +137,6 @@ def shard_plan(source: ModelSource, specs: dict[str, tuple[str, Any]], layers_na
     if pending or not shards:
         shards.append(pending)
     return shards, total
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def shard_names(n: int) -> list[str]:
