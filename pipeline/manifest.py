@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from cluster.storage import Storage
 
 from .config import Config, value_at
+from .errors import UserError
 from .stages.base import Stage
 
 
@@ -44,7 +45,11 @@ class Manifest:
         self.store, self.cfg = store, cfg
         self.names = [s.name for s in stages]
         self.keys = stage_keys(cfg, stages)
-        old = store.read_json("manifest.json") if store.exists("manifest.json") else {}
+        try:
+            old = store.read_json("manifest.json") if store.exists("manifest.json") else {}
+        except ValueError:
+            raise UserError(f"{store.url('manifest.json')} is damaged (not JSON): remove the run folder "
+                            "or choose another output") from None
         self.previous_config: dict[str, Any] = old.get("config", {})  # of the run that wrote the folder before
         self.stages: dict[str, dict[str, Any]] = old.get("stages", {})
         self.data: dict[str, Any] = {"soco_version": "0.1.0", "config": cfg.to_dict(), "status": "running",

@@ -221,3 +221,50 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     assert any("calibrate" in line and "layer-00001" in line and "running it again" in line for line in err)
     assert json.loads(out.strip().splitlines()[-1])["ran_stages"][0] == "calibrate"
     assert (tmp_path / "out" / "checkpoint" / "model.safetensors.index.json").read_text() == first
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("data.seq_len=0", "data.seq_len must be at least 1"),
+    ("data.eval_samples=-1", "data.eval_samples must be >= 0"),
+    ("run.dtype=float8", "run.dtype must be one of"),
+    ("run.shard_size_mb=0", "run.shard_size_mb must be positive"),
+    ("soco.zero_stage=4", "soco.zero_stage must be 2 or 3"),
+    ("soco.prune_by=magnitude", "soco.prune_by must be"),
+    ("soco.launcher=mpi", "soco.launcher must be"),
+    ("soco.refine_steps=3", "did you mean 'soco.schedule.refine_steps'"),
+    ("soco.schedule.refine_stepz=3", "unknown config key 'soco.schedule.refine_stepz'"),
+    ("ray.num_cpus=-1", "ray.num_cpus must be >= 0"),
+    ("ray.object_store_mb=10", "ray.object_store_mb must be at least 75"),
+    ("ray.address=http://127.0.0.1:8265", "dashboard (job submission) address"),
+    ("ray.calib_workers=-2", "ray.calib_workers must be >= 0"),
+    ("compress.method=pca", "compress.method must be one of"),
+    ("mgaa.spread=2", "mgaa.spread must be in [0, 1]"),
+    ("lorap.keep_least_fraction=1.5", "lorap.keep_least_fraction must be in [0, 1)"),
+    ("data.source=bundled:nope", "unknown bundled text 'nope'"),
+    ("model=bundled:nope", "unknown bundled model 'nope'"),
+    ("compress.ratio=0.99", "keeps no component"),
+])
+def test_bad_values_are_one_line_and_write_nothing(capsys, tmp_path, tiny_llama, text_file, override, fragment):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    code, out, err = _cli(capsys, ["compress", str(cfg), "--quiet", "--set", override])
+    assert code == 2 and len(err) == 1 and err[0].startswith("soco: error:") and fragment in err[0], err
+    assert json.loads(out.strip().splitlines()[-1])["soco"] == "bad_input"
+    assert not (tmp_path / "out").exists()
+
+
+def test_soco_and_mgaa_values_that_depend_on_the_method(capsys, tmp_path, tiny_llama, text_file):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    for overrides, fragment in ((["compress.method=soco", "soco.holdout_samples=100"], "soco.holdout_samples (100)"),
+                                (["compress.method=svd-llm+mgaa", "compress.ratio=0.95"], "outside mgaa's sublayer ratios")):
+        code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet"] + [x for o in overrides for x in ("--set", o)])
+        assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_manifest_is_one_line(capsys, tmp_path, tiny_llama, text_file):
+    cfg = _config(tmp_path, tiny_llama, text_file)
+    assert _cli(capsys, ["compress", str(cfg), "--quiet"])[0] == 0
+    manifest = tmp_path / "out" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])
+    code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet"])
+    assert code == 2 and len(err) == 1 and "manifest.json is damaged" in err[0]
