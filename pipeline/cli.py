@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compress":
             return cmd_compress(args)
-        if args.command in ("submit", "status", "logs"):
-            from .jobs import run_job_command
+        from .jobs import JOB_COMMANDS, run_job_command
+        if args.command in JOB_COMMANDS:
             return run_job_command(args)
         return cmd_eval(args)
     except Busy as e:
