@@ -57,7 +57,7 @@ def main() -> None:
     def write() -> str:
         """Write the results so far (after every cell: an interrupted run keeps what it measured)."""
         launch = (f"; soco's learn stage: DeepSpeed ZeRO-3, one rank, "
-                  f"{'Ray Train TorchTrainer' if a.launcher == 'ray' else 'in-process'}" if "soco" in a.methods else "")
+                  f"{'Ray Train TorchTrainer' if a.launcher == 'ray' else 'in-process'}" if any(m.startswith("soco") for m in a.methods) else "")
         protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
                     f"{a.calib_samples} windows x {a.seq_len} tokens from the start of the first half; evaluation = "
                     f"the first {a.eval_samples} non-overlapping windows of {a.seq_len} tokens of the second half; "
@@ -98,11 +98,12 @@ def main() -> None:
                              "ray": {"enabled": not a.no_ray},
                              "run": {"eval_dense": dense is None}})
             r = compress(cfg, progress=False)
+            keep_checkpoint(workdir, ratio)
             if dense is None:
                 dense = r["perplexity"]["dense"]
             rows.setdefault(method, {})[ratio] = {
                 "ppl": r["perplexity"]["compressed"], "achieved_ratio": r["achieved_ratio"]["linear"],
-                "ppl_second": second_ppl(str(workdir / "checkpoint"), True),
+                "ppl_second": second_ppl(str(workdir / "checkpoints" / f"r{ratio}"), True),
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
                 "seconds": {k: v for k, v in r["timings_s"].items()}}
             if method in ("soco", "soco+mgaa"):
@@ -113,6 +114,18 @@ def main() -> None:
                   f"{a.second_data} {rows[method][ratio]['ppl_second']:.4g}", flush=True)
             write()
     print(write())
+
+
+def keep_checkpoint(run: Path, ratio: float) -> Path:
+    """Copy the run's checkpoint to checkpoints/r<ratio> beside it: the next ratio of the same
+    method republishes `checkpoint/`, and later tables (zero-shot, inference) need every cell's."""
+    import shutil
+    dest = run / "checkpoints" / f"r{ratio}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run / "checkpoint", dest)
+    return dest
 
 
 def removed_per_sublayer(run: Path, method: str) -> dict[str, float]:

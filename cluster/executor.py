@@ -136,8 +136,10 @@ class Executor(ABC):
         self.peak_rss_mb = {}
 
     @abstractmethod
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str, progress: bool = True) -> list[Any]:
-        """fn(item) for every item; the results in item order."""
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str, progress: bool = True,
+            cpus: int = 1) -> list[Any]:
+        """fn(item) for every item; the results in item order. `cpus`: what one unit uses
+        (a Ray task reserves that many; in-process units run one after another anyway)."""
 
     @abstractmethod
     def group(self, cls: type, n: int) -> WorkerGroup:
@@ -186,7 +188,8 @@ class _LocalGroup(WorkerGroup):
 class LocalExecutor(Executor):
     """Everything in this process, in order, with the process's own thread count."""
 
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str, progress: bool = True) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str, progress: bool = True,
+            cpus: int = 1) -> list[Any]:
         return [fn(item) for item in tqdm(list(items), desc=desc, unit="unit", disable=not progress)]
 
     def group(self, cls: type, n: int) -> WorkerGroup:
@@ -276,9 +279,10 @@ class RayExecutor(Executor):
     def _note(self, pid: int, mb: float) -> None:
         self.peak_rss_mb[pid] = max(self.peak_rss_mb.get(pid, 0.0), mb)
 
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str, progress: bool = True) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], desc: str, progress: bool = True,
+            cpus: int = 1) -> list[Any]:
         import ray
-        task = ray.remote(_run_task).options(**ray_runtime.task_options())
+        task = ray.remote(_run_task).options(**ray_runtime.task_options(cpus))
         items = list(items)
         limit = self.max_in_flight or 2 * ray_runtime.slots()
         results: dict[int, Any] = {}

@@ -118,6 +118,6 @@ def slots(kind: str | None = None) -> int:
     return max(1, int(ray.cluster_resources().get(kind, 1)))
 
 
-def task_options() -> dict[str, Any]:
-    """Resources of one task: a GPU when the cluster has them, else one CPU."""
-    return {"num_gpus": 1, "num_cpus": 1} if accelerator() == "GPU" else {"num_cpus": 1}
+def task_options(cpus: int = 1) -> dict[str, Any]:
+    """Resources of one task: a GPU when the cluster has them, and `cpus` CPUs."""
+    return {"num_gpus": 1, "num_cpus": cpus} if accelerator() == "GPU" else {"num_cpus": cpus}

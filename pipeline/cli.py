@@ -15,6 +15,7 @@ from cluster.errors import Busy
 
 from . import __version__
 from .errors import UserError
+from .exits import EXIT, result_line, status_counts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="write into a run folder that holds a run of another model or data source")
     c.add_argument("--address", help="join this Ray cluster (host:6379, ray://host:10001, auto); default: "
                                      "$RAY_ADDRESS, else a local Ray started in-process")
+    w = sub.add_parser("sweep", help="run models x methods x ratios from a sweep file, one run folder each")
+    w.add_argument("sweep", help="sweep YAML (see pipeline/sweep.py and the README)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of every run (repeatable)")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.add_argument("--force", action="store_true", help="write into run folders that hold another model's run")
     e = sub.add_parser("eval", help="perplexity and parameter counts of a soco checkpoint")
     e.add_argument("checkpoint", help="checkpoint folder (local path or fsspec URL)")
     e.add_argument("--data", default="bundled:wiki", help="text source (default bundled:wiki)")
@@ -62,13 +69,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return EXIT[status]
 
 
-#: exit codes a scheduler can act on (README, "Scheduled batches")
-EXIT = {"done": 0, "failed": 1, "bad_input": 2, "busy": 3, "nothing_to_do": 4}
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep, sweep_status
+    sweep = load_sweep(args.sweep, args.overrides)
+    print(f"soco sweep: {len(sweep.runs)} runs under {sweep.root} "
+          f"({sum(r.leader for r in sweep.runs)} calibrations)", file=sys.stderr, flush=True)
+    rows = run_sweep(sweep, progress=not args.quiet, force=args.force)
+    status = sweep_status(rows)
+    print(f"results: {sweep.root}/results.md, results.parquet", flush=True)
+    _result(status, root=sweep.root, runs=status_counts(rows))
+    return EXIT[status]
 
 
 def _result(status: str, **fields) -> None:
-    """The last line on stdout of `soco compress`: one JSON object for log scrapers."""
-    print(json.dumps({"soco": status, "exit": EXIT[status], **fields}), flush=True)
+    """The last line on stdout of `soco compress` and `soco sweep`: one JSON object for log scrapers."""
+    print(result_line(status, **fields), flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -113,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     import threading
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    summary = _result if args.command == "compress" else (lambda *a, **k: None)
+    summary = _result if args.command in ("compress", "sweep") else (lambda *a, **k: None)
     try:
         if args.command == "compress":
             return cmd_compress(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         from .jobs import JOB_COMMANDS, run_job_command
         if args.command in JOB_COMMANDS:
             return run_job_command(args)

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import sys
+import zlib
 from typing import Any
 
 from cluster import jobs
@@ -23,6 +24,8 @@ from cluster.ray_runtime import project_runtime_env
 
 from .errors import UserError
 from .model_io import worker_location
+from .exits import EXIT, result_line, status_counts
+from .sweep import from_payload, load_sweep, run_sweep, sweep_status, to_payload
 
 JOB_COMMANDS = ("submit", "status", "logs")
 
@@ -46,28 +49,63 @@ def add_job_parsers(sub: Any) -> None:
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
 
+def encode(obj: Any) -> str:
+    """A job's argument: URL-safe base64 of its zlib-compressed JSON (a sweep of many runs
+    stays far below the command-line limit)."""
+    return base64.urlsafe_b64encode(zlib.compress(json.dumps(obj).encode(), 9)).decode()
+
+
+def decode(payload: str) -> Any:
+    return json.loads(zlib.decompress(base64.urlsafe_b64decode(payload.encode())))
+
+
 def job_payload(cfg) -> str:
-    """The resolved config as the job's argument (URL-safe base64 of its JSON); local paths
-    absolute (the job runs in another folder), the job joins the cluster it runs on."""
+    """The resolved config as the job's argument; local paths absolute (the job runs in
+    another folder), the job joins the cluster it runs on."""
     data = cfg.to_dict()
     data["model"], data["output"] = worker_location(cfg.model), worker_location(cfg.output)
     data["data"]["source"] = worker_location(cfg.data.source)
     data["ray"]["address"] = ""
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+    return encode(data)
+
+
+def sweep_payload(sweep) -> str:
+    """An expanded sweep as the job's argument (its paths are absolute already); its runs and
+    its Ray executor join the cluster the job runs on."""
+    data = to_payload(sweep)
+    for run in data["runs"]:
+        run["config"]["ray"]["address"] = ""
+    data["base"].get("ray", {}).pop("address", None)
+    return encode(data)
+
+
+def is_sweep(path: str) -> bool:
+    """A sweep file lists `models`; a run config names one `model`."""
+    import yaml
+    try:
+        data = yaml.safe_load(open(path, "rb").read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # load_config says what is wrong with it
+    return isinstance(data, dict) and "models" in data
 
 
 def submit(args: argparse.Namespace) -> int:
     from .config import load_config
-    cfg = load_config(args.config, args.overrides)
+    if is_sweep(args.config):
+        sweep = load_sweep(args.config, args.overrides)
+        entry, output = f"sweep {sweep_payload(sweep)}", sweep.root
+    else:
+        cfg = load_config(args.config, args.overrides)
+        entry, output = f"run {job_payload(cfg)}", cfg.output
     env = {}
     for item in args.env:
         if "=" not in item:
             raise UserError(f"--env expects KEY=VALUE, got '{item}'")
         k, v = item.split("=", 1)
         env[k] = v
-    client, job = jobs.submit(args.address, f"{args.python} -m pipeline.jobs run {job_payload(cfg)}",
+    client, job = jobs.submit(args.address, f"{args.python} -m pipeline.jobs {entry}",
                               project_runtime_env(env), args.submission_id,
-                              {"soco_config": os.path.basename(args.config), "soco_output": cfg.output})
+                              {"soco_config": os.path.basename(args.config), "soco_output": output})
     print(job, flush=True)
     if not args.wait:
         return 0
@@ -92,7 +130,7 @@ def _job_main(payload: str) -> int:
     from .run import compress
     from .stages.evaluate import print_summary
     try:
-        cfg = from_dict(json.loads(base64.urlsafe_b64decode(payload.encode())))
+        cfg = from_dict(decode(payload))
         print(f"soco job: model {cfg.model}, method {cfg.compress.method}, ratio {cfg.compress.ratio}, "
               f"output {cfg.output}", flush=True)
         report = compress(cfg, progress=False)
@@ -104,8 +142,19 @@ def _job_main(payload: str) -> int:
     return 0
 
 
+def _sweep_main(payload: str) -> int:
+    """Inside the job: run the sweep; exit as `soco sweep` would."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sweep = from_payload(decode(payload))
+    print(f"soco sweep job: {len(sweep.runs)} runs under {sweep.root}", flush=True)
+    rows = run_sweep(sweep, progress=False)
+    status = sweep_status(rows)
+    print(result_line(status, root=sweep.root, runs=status_counts(rows)), flush=True)
+    return EXIT[status]
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "run":
-        sys.exit(_job_main(sys.argv[2]))
-    print("usage: python -m pipeline.jobs run <payload>  (started by `soco submit`)", file=sys.stderr)
+    if len(sys.argv) == 3 and sys.argv[1] in ("run", "sweep"):
+        sys.exit((_job_main if sys.argv[1] == "run" else _sweep_main)(sys.argv[2]))
+    print("usage: python -m pipeline.jobs run|sweep <payload>  (started by `soco submit`)", file=sys.stderr)
     sys.exit(2)

@@ -82,6 +82,31 @@ class Manifest:
                 bad.append(rel)
         return bad
 
+    def adopt(self, stage: str, donor: Storage) -> bool:
+        """Take a stage committed in another run folder with the same key (a sweep's runs that
+        share a model and data share one calibration): copy its files, after checking their
+        checksums, and commit it here. False (nothing changed) when the donor has no such
+        intact stage."""
+        try:
+            entry = donor.read_json("manifest.json").get("stages", {}).get(stage) if donor.exists("manifest.json") \
+                else None
+        except ValueError:
+            return False
+        if not entry or entry.get("status") != "done" or entry.get("key") != self.keys[stage]:
+            return False
+        files = entry.get("files") or {}
+        try:
+            if any(donor.sha256(rel) != digest for rel, digest in files.items()):
+                return False
+        except FileNotFoundError:
+            return False
+        for rel in files:
+            self.store.copy_in(donor, rel)
+        self.stages[stage] = {"status": "done", "key": entry["key"], "seconds": 0.0, "files": dict(files),
+                              "adopted_from": donor.url()}
+        self.save()
+        return True
+
     def invalidate_from(self, stage: str) -> None:
         """Forget this stage and every later one (and entries of stages this run does not have)."""
         later = self.names[self.names.index(stage):]

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -88,13 +88,31 @@ def check_owner(man: Manifest, cfg: Config, force: bool) -> None:
                             "choose another output, or pass --force to replace it")
 
 
-def compress(cfg: Config, progress: bool = True, force: bool = False) -> dict[str, Any]:
+def adopt_stages(man: Manifest, stages: list[Stage], donors: Sequence[str]) -> dict[str, str]:
+    """Copy in, from the first donor run folder that has it, each leading stage this folder
+    lacks ({stage: donor}); stops at the first stage no donor has with the same key."""
+    adopted: dict[str, str] = {}
+    for stage in stages:
+        if man.done(stage.name) and not man.damaged(stage.name):
+            continue
+        donor = next((d for d in donors if man.adopt(stage.name, Storage(d))), None)
+        if donor is None:
+            break
+        print(f"soco: {stage.name}: reused from {donor}", file=sys.stderr, flush=True)
+        adopted[stage.name] = donor
+    return adopted
+
+
+def compress(cfg: Config, progress: bool = True, force: bool = False,
+             reuse_from: Sequence[str] = ()) -> dict[str, Any]:
     """Run every stage whose inputs changed and return the report (also written to the run folder).
 
     All inputs are checked before anything is written: a bad model, data source or ratio
     fails with UserError and leaves no output behind. One writer at a time: the run holds a
     lease on its folder (cluster/lease.py), and a second run gets `Busy`. A run folder of
-    another model or data source is refused unless `force`.
+    another model or data source is refused unless `force`. `reuse_from`: other run folders
+    whose committed stages with the same keys are copied in instead of recomputed (`soco
+    sweep` passes the run that calibrated the same model and data).
     """
     set_threads(cfg.run.threads)
     dtype = DTYPE_MAP[cfg.run.dtype]
@@ -114,12 +132,12 @@ def compress(cfg: Config, progress: bool = True, force: bool = False) -> dict[st
         store.makedirs()
         with Lease(store, LEASE) as lease:
             return _run(cfg, executor, store, created, lease, source, dtype, layers_name, len(layers), windows,
-                        load_s, progress, force)
+                        load_s, progress, force, reuse_from)
 
 
 def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: Lease, source: ModelSource,
          dtype: torch.dtype, layers_name: str, n_layers: int, windows: Windows, load_s: float, progress: bool,
-         force: bool) -> dict[str, Any]:
+         force: bool, reuse_from: Sequence[str] = ()) -> dict[str, Any]:
     """The stages in the run folder: skip what is committed for the same inputs, run the rest.
     `created`: the run folder is new (a failure before any commit removes it again)."""
     stages = run_stages(cfg)
@@ -127,7 +145,8 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
     check_owner(man, cfg, force)
     previous = {k: dict(v) for k, v in man.stages.items()}  # stage entries before this invocation
     try:
-        resumed: list[str] = []  # committed before: skipped
+        adopted = adopt_stages(man, stages, reuse_from)
+        resumed: list[str] = []  # committed before (or adopted): skipped
         continued: list[str] = []  # interrupted before with the same inputs: picked up where they were (SoCo's learn)
         stale = False
         for stage in stages:
@@ -156,6 +175,7 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
             s.name: 0.0 if s.name in resumed else man.stages[s.name]["seconds"] for s in stages}
         report["resumed_stages"] = resumed
         report["continued_stages"] = continued
+        report["adopted_stages"] = adopted
         report["worker_peak_rss_mb"] = {str(pid): round(mb, 1) for pid, mb in executor.peak_rss_mb.items()}
         write_report(store, report)
         man.set_status("done")

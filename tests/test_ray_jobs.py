@@ -147,6 +147,31 @@ def test_soco_submit_runs_a_ray_job_on_a_real_head(ray_head, tmp_path, tiny_llam
 
 
 @pytest.mark.slow
+def test_soco_submit_accepts_a_sweep(ray_head, tmp_path, tiny_llama, text_file, capsys, monkeypatch):
+    """A sweep file submitted as one Ray Job: its runs run as Ray tasks on the head
+    (`parallel: 2`), one shared calibration, and the results table is written."""
+    import pyarrow.parquet as pq
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster.jobs import wait_for
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    spec = {"root": str(tmp_path / "sweep"), "models": [str(tiny_llama)], "methods": ["svd-llm", "svd"],
+            "ratios": [0.4], "parallel": 2, "cpus_per_run": 1,
+            "set": {"data.source": str(text_file), "data.calib_samples": 8, "data.seq_len": 32,
+                    "data.eval_samples": 4, "data.batch_size": 4, "run.shard_size_mb": 0.05}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = _cli(capsys, ["submit", str(tmp_path / "sweep.yaml"), "--address", ray_head["dashboard"]])
+    assert code == 0, err
+    job = out.strip().splitlines()[-1]
+    status = wait_for(JobSubmissionClient(ray_head["dashboard"]), job, timeout_s=300)
+    code, out, err = _cli(capsys, ["logs", job, "--address", ray_head["dashboard"]])
+    assert status == "SUCCEEDED", out + err
+    assert '"soco": "done"' in out and '"runs": {"done": 2}' in out
+    rows = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["done", "done"] and [r["adopted_stages"] for r in rows] == ["", "calibrate"]
+
+
+@pytest.mark.slow
 def test_soco_compress_address_joins_the_head(ray_head, tmp_path, tiny_qwen2, text_file):
     cfg = tiny_config(tiny_qwen2, tmp_path / "run", text_file)
     cfg_file = _config_file(tmp_path / "run.yaml", cfg)

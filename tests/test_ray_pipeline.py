@@ -136,3 +136,26 @@ def test_ray_task_failure_fails_the_stage_and_the_run(tmp_path, tiny_llama, text
         compress(cfg, progress=False)
     assert shard in str(e.value) and len(str(e.value).splitlines()) == 1
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_sweep_runs_as_ray_tasks_with_the_in_process_results(tmp_path, tiny_llama, text_file, ray_local):
+    """`parallel: 2`: each run is a Ray task (its stages inside it); the table equals the same
+    sweep run one run after another in this process."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from pipeline.sweep import load_sweep, run_sweep
+    rows = {}
+    for parallel in (1, 2):
+        spec = {"root": str(tmp_path / f"p{parallel}"), "models": [str(tiny_llama)], "methods": ["svd-llm", "asvd"],
+                "ratios": [0.4], "parallel": parallel, "cpus_per_run": 1,
+                "set": {"data.source": str(text_file), "data.calib_samples": 8, "data.seq_len": 32,
+                        "data.eval_samples": 4, "data.batch_size": 4, "run.threads": 1, "run.shard_size_mb": 0.05,
+                        "ray.enabled": False}}
+        (tmp_path / f"s{parallel}.yaml").write_text(yaml.safe_dump(spec))
+        run_sweep(load_sweep(str(tmp_path / f"s{parallel}.yaml")), progress=False)
+        rows[parallel] = pq.read_table(tmp_path / f"p{parallel}" / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows[2]] == ["done", "done"]
+    assert [r["adopted_stages"] for r in rows[2]] == ["", "calibrate"]
+    for a, b in zip(rows[1], rows[2]):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6) and a["achieved_ratio"] == b["achieved_ratio"]
