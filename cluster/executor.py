@@ -149,6 +149,11 @@ class Executor(ABC):
     def width(self, n_items: int) -> int:
         """How many workers a group sharing n_items should have."""
 
+    def lost_worker(self, error: BaseException) -> bool:
+        """Whether `error` says a worker process died (killed, out of memory, its node lost):
+        the unit was not wrong, and running the stage again (from its checkpoints) may succeed."""
+        return False
+
     def release(self) -> None:
         """Stop idle workers (before another system, e.g. Ray Train, needs their resources)."""
 
@@ -324,6 +329,12 @@ class RayExecutor(Executor):
             self.close()  # a host may have died: start afresh next time
             raise
         return _RayGroup(self, hosts)
+
+    def lost_worker(self, error: BaseException) -> bool:
+        import ray.exceptions as rex
+        lost = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
+                rex.OwnerDiedError)
+        return isinstance(error, lost) or isinstance(getattr(error, "cause", None), lost)
 
     def width(self, n_items: int) -> int:
         return max(1, min(self.group_size or ray_runtime.slots("CPU"), max(n_items, 1)))

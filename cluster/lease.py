@@ -2,7 +2,8 @@
 
 The lease is a small JSON file (`owner`, `host`, `pid`, `heartbeat`) in the folder. Taking
 it: if a lease is there and its heartbeat is younger than `ttl_s`, the folder is busy;
-otherwise (none, or stale: its holder died without releasing) the file is written with this
+otherwise (none, or stale: its holder died without releasing, seen by the heartbeat's age or,
+on the same host, by its process being gone) the file is written with this
 holder's identity, read back after a short pause, and the lease is ours only if what comes
 back is still ours (object stores have no compare-and-swap; of two writers racing, the later
 write wins and the earlier one sees it and backs off). A thread renews the heartbeat every
@@ -20,6 +21,20 @@ from typing import Any
 
 from .errors import Busy
 from .storage import Storage
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """Whether a lease's holder ran on this host and its process is gone (killed: the lease
+    is stale now, without waiting for its heartbeat to age)."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -42,7 +57,8 @@ class Lease:
 
     def acquire(self) -> "Lease":
         held = self._read()
-        if held and held.get("owner") != self.owner and time.time() - float(held.get("heartbeat", 0)) < self.ttl_s:
+        if held and held.get("owner") != self.owner and time.time() - float(held.get("heartbeat", 0)) < self.ttl_s \
+                and not _dead_here(held):
             raise Busy(f"{self.store.url()} is busy: another run ({held.get('host')}, pid {held.get('pid')}) is "
                        f"writing it (lease renewed {time.time() - float(held['heartbeat']):.0f} s ago)")
         self.store.write_json(self.name, self._record())

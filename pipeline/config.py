@@ -52,6 +52,7 @@ class RunConfig:
     threads: int = 0  # torch threads; 0 = all cores
     shard_size_mb: float = 200.0  # checkpoint shard size (MiB)
     eval_dense: bool = True  # also measure the dense model's perplexity for the report
+    calib_resume_s: float = 60.0  # seconds between calibration's saved resume points; 0 = after every layer
 
 
 @dataclass
@@ -178,6 +179,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.eval_samples must be >= 0, got {cfg.data.eval_samples}")
     if cfg.run.dtype not in DTYPES:
         raise UserError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{cfg.run.dtype}'")
+    if cfg.run.calib_resume_s < 0:
+        raise UserError(f"run.calib_resume_s must be >= 0, got {cfg.run.calib_resume_s}")
     if not cfg.run.shard_size_mb > 0:
         raise UserError(f"run.shard_size_mb must be positive, got {cfg.run.shard_size_mb}")
     for key in ("max_in_flight", "calib_workers"):

@@ -88,6 +88,26 @@ def check_owner(man: Manifest, cfg: Config, force: bool) -> None:
                             "choose another output, or pass --force to replace it")
 
 
+#: times a stage is run again, from its own checkpoints, after a worker process died under it
+WORKER_LOSS_RETRIES = 2
+
+
+def run_stage(stage: Stage, ctx: StageContext) -> None:
+    """stage.run(ctx); when a worker dies under it (a killed or out-of-memory Ray worker), the
+    stage runs again with `resume` set, going on from what it committed (calibration from its
+    last saved layer), up to WORKER_LOSS_RETRIES times."""
+    for attempt in range(WORKER_LOSS_RETRIES + 1):
+        try:
+            stage.run(ctx)
+            return
+        except Exception as e:
+            if attempt == WORKER_LOSS_RETRIES or not ctx.executor.lost_worker(e):
+                raise
+            print(f"soco: {stage.name}: a worker died ({type(e).__name__}); running the stage again from its "
+                  f"checkpoints (retry {attempt + 1} of {WORKER_LOSS_RETRIES})", file=sys.stderr, flush=True)
+            ctx.resume = True
+
+
 def adopt_stages(man: Manifest, stages: list[Stage], donors: Sequence[str]) -> dict[str, str]:
     """Copy in, from the first donor run folder that has it, each leading stage this folder
     lacks ({stage: donor}); stops at the first stage no donor has with the same key."""
@@ -168,7 +188,7 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
             ctx = StageContext(cfg, cfg.method, source, store, dtype, layers_name, n_layers, windows, executor,
                                progress, resume=resume)
             t0 = man.start(stage.name)
-            stage.run(ctx)
+            run_stage(stage, ctx)
             man.finish(stage.name, t0, stage.outputs)
         report = store.read_json(EVALUATION)
         report["timings_s"] = {"load": round(load_s, 3)} | {

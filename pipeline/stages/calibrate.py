@@ -13,6 +13,9 @@ Output contract, one file per layer, `calib/layer-00012.safetensors`:
   `<key>.gram` (n x n float64), `<key>.mean_abs` (n float64), metadata
   `alias` = JSON {linear name in the layer: key} (linears fed the same tensor, such as
   q/k/v, share one key) and `tokens` = rows accumulated.
+While it runs, `calib-resume/hidden.safetensors` holds the hidden states at the input of the
+next layer every `run.calib_resume_s` seconds, so an interrupted calibration (a killed run,
+a dead Ray worker) goes on from there; it is removed when the stage commits.
 Also `calib/windows.safetensors` (`windows`: the token ids [N, L]) and
 `calib/final-hidden.safetensors` (`hidden`: the dense model's last hidden states [N, L, d]),
 from which SoCo's learn stage derives its distillation targets without re-running the model.
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -36,6 +41,10 @@ from .base import Stage, StageContext
 from .shares import WindowShare, split_windows
 
 WINDOWS_FILE = "calib/windows.safetensors"
+#: hidden states of all calibration windows at the input of layer `next_layer` (metadata),
+#: saved while the stage runs so an interrupted calibration restarts there, not at layer 0;
+#: not an output: removed when the stage commits
+RESUME_FILE = "calib-resume/hidden.safetensors"
 FINAL_HIDDEN_FILE = "calib/final-hidden.safetensors"
 
 
@@ -149,6 +158,18 @@ class CalibrationShare(WindowShare):
         for k, cls in enumerate(statistics):
             cls.merge([parts[k] for parts in shares]).save(Storage(run_url), i)
 
+    def save_resume(self, run_url: str, next_layer: int, *hidden: torch.Tensor) -> None:
+        """Commit every share's hidden states at the input of `next_layer` (one file)."""
+        Storage(run_url).save_tensors(RESUME_FILE, {"hidden": torch.cat([h for h in hidden if h.numel()])},
+                                      {"next_layer": str(next_layer)})
+
+    def restore(self, run_url: str, first: int) -> None:
+        """Replace this share's hidden states by the saved ones (its rows start at `first`)."""
+        hidden = Storage(run_url).load_tensors(RESUME_FILE)["hidden"]
+        for b in self.batches:
+            b.hidden = hidden[first:first + b.hidden.shape[0]].to(b.hidden.dtype).clone()
+            first += b.hidden.shape[0]
+
     def commit_extras(self, run_url: str, windows: torch.Tensor, *hidden: torch.Tensor) -> None:
         store = Storage(run_url)
         store.save_tensors(WINDOWS_FILE, {"windows": windows})
@@ -170,15 +191,47 @@ class Calibrate(Stage):
         ex = ctx.executor
         n = ex.width(calib.shape[0])
         url = ctx.store.worker_url()
+        start = resume_point(ctx.store, ctx.n_layers) if ctx.resume else 0
+        if start == 0:
+            ctx.store.rm(RESUME_FILE)
+        every_s = ctx.cfg.run.calib_resume_s
         with ex.group(CalibrationShare, n) as shares:
             loc = worker_location(ctx.cfg.model)
             bs = ctx.cfg.data.batch_size
-            shares.get(shares.each("load", [(loc, False, ctx.dtype_name, s, bs) for s in split_windows(calib, n)]))
+            parts = split_windows(calib, n)
+            shares.get(shares.each("load", [(loc, False, ctx.dtype_name, s, bs) for s in parts]))
+            if start:
+                firsts = [sum(p.shape[0] for p in parts[:k]) for k in range(n)]
+                shares.get(shares.each("restore", [(url, f) for f in firsts]))
+                print(f"soco: calibrate: layers 0-{start - 1} were committed before: going on from layer {start}",
+                      file=sys.stderr, flush=True)
             in_flight = []
+            saved = time.monotonic()
             desc = "calibrate" + (f" ({n} workers)" if n > 1 else "")
-            for i in tqdm(range(ctx.n_layers), desc=desc, unit="layer", disable=not ctx.progress):
+            for i in tqdm(range(start, ctx.n_layers), desc=desc, unit="layer", disable=not ctx.progress,
+                          initial=start, total=ctx.n_layers):
                 in_flight.append(shares.one(0, "commit", url, i, stats, *shares.all("collect", i, stats)))
                 if len(in_flight) > 1:  # at most two layers' statistics alive at once
                     shares.get(in_flight.pop(0))
+                if i + 1 < ctx.n_layers and time.monotonic() - saved >= every_s:
+                    shares.get(in_flight)  # layers up to i are committed: a restart may begin at i + 1
+                    in_flight = []
+                    shares.get(shares.one(0, "save_resume", url, i + 1, *shares.all("final_hidden")))
+                    saved = time.monotonic()
             shares.get(in_flight)
             shares.get(shares.one(0, "commit_extras", url, calib, *shares.all("final_hidden")))
+        ctx.store.rm("calib-resume")
+
+
+def resume_point(store: Storage, n_layers: int) -> int:
+    """The layer an interrupted calibration goes on from: the saved hidden states' layer when
+    every layer before it is committed, else 0."""
+    if not store.exists(RESUME_FILE):
+        return 0
+    try:
+        start = int(store.tensor_metadata(RESUME_FILE).get("next_layer", 0))
+    except (ValueError, OSError):
+        return 0  # a damaged file: start over
+    if not 0 < start < n_layers or not all(store.exists(calib_file(i)) for i in range(start)):
+        return 0
+    return start

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,8 @@ class Decompose(Stage):
     fields = ("compress.method", "compress.ratio")
 
     def run(self, ctx: StageContext) -> None:
+        if not ctx.resume:  # files of an earlier run with other inputs must not pass for this one's
+            ctx.store.rm("factors")
         job = DecomposeJob(worker_location(ctx.cfg.model), ctx.store.worker_url(), ctx.layers_name, ctx.method, ctx.cfg)
         spectra: dict[str, torch.Tensor] = {}
         if ctx.method.needs_spectra:
@@ -145,6 +148,12 @@ class Decompose(Stage):
                 spectra.update(part)
         evidence = Evidence(ctx.store, ctx.layers_name, ctx.n_layers, spectra)
         plan = ctx.method.decomposition_plan(ctx.cfg, build_skeleton(ctx.source.config, ctx.dtype), evidence)
+        if ctx.resume and ctx.store.exists(FACTORS_PLAN) and ctx.store.read_json(FACTORS_PLAN) != plan.to_json():
+            ctx.store.rm("factors")  # not the plan the committed layers were factored with
         ctx.store.write_json(FACTORS_PLAN, plan.to_json())
-        ctx.executor.map(partial(decompose_layer, job), range(ctx.n_layers), f"decompose ({ctx.method.name})", ctx.progress)
+        todo = [i for i in range(ctx.n_layers) if not (ctx.resume and ctx.store.exists(factors_file(i)))]
+        if len(todo) < ctx.n_layers:
+            print(f"soco: decompose: {ctx.n_layers - len(todo)} of {ctx.n_layers} layers were committed before: "
+                  "skipped", file=sys.stderr, flush=True)
+        ctx.executor.map(partial(decompose_layer, job), todo, f"decompose ({ctx.method.name})", ctx.progress)
 
