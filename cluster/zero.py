@@ -121,6 +121,56 @@ def full_grad(param: nn.Parameter) -> torch.Tensor:
     return g
 
 
+#: the per-parameter state of torch's Adam (besides its step count)
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def _inner_state(eng) -> tuple[Any, list[torch.Tensor]]:
+    """The torch optimizer DeepSpeed drives and the flat fp32 partitions it steps (ZeRO-3 puts
+    them into the optimizer's param groups only during a step, so they are read from the
+    ZeRO optimizer itself: its stage 3 and stage 1/2 names)."""
+    zopt = eng.optimizer
+    flats = getattr(zopt, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        flats = zopt.single_partition_of_fp32_groups
+    return zopt.optimizer, list(flats)
+
+
+def optimizer_state(eng, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Adam's moments of each named parameter, whole however ZeRO partitions them (a collective:
+    every rank must call it), as `<name>.exp_avg` / `<name>.exp_avg_sq`, and the step count as
+    `optimizer.step`; empty before the first step (Adam creates its state lazily)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    inner, flats = _inner_state(eng)
+    steps = [inner.state[f]["step"] for f in flats if "step" in inner.state.get(f, {})]
+    if not steps:
+        return {}
+    out = {f"{n}.{k}": safe_get_full_optimizer_state(p, k).detach().clone().reshape(p.ds_shape if hasattr(p, "ds_shape")
+                                                                                     else p.shape)
+           for n, p in params.items() for k in ADAM_STATE}
+    out["optimizer.step"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(1).clone()
+    return out
+
+
+def load_optimizer_state(eng, params: dict[str, nn.Parameter], saved: dict[str, torch.Tensor]) -> bool:
+    """Put Adam's moments and step count saved by `optimizer_state` back (every rank calls it,
+    with the same values); False, changing nothing, when `saved` holds none."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+    if "optimizer.step" not in saved or any(f"{n}.{k}" not in saved for n in params for k in ADAM_STATE):
+        return False
+    inner, flats = _inner_state(eng)
+    step = saved["optimizer.step"].reshape(()).to(torch.float32)
+    for f in flats:  # the state Adam would have made at its first step, then filled below
+        inner.state[f] = {"step": step.clone(), "exp_avg": torch.zeros_like(f), "exp_avg_sq": torch.zeros_like(f)}
+    if hasattr(eng.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 map each parameter to its slice of that state (at the first step, otherwise)
+        eng.optimizer._lazy_init_hp_params_optimizer_state()
+    for n, p in params.items():
+        for k in ADAM_STATE:
+            safe_set_full_optimizer_state(p, saved[f"{n}.{k}"].to(torch.float32), k)
+    return True
+
+
 def finish(destroy: bool = True) -> None:
     """Barrier, then tear down the process group (avoids rare aborts at exit of ZeRO-3 ranks).
 

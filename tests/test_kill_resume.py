@@ -41,10 +41,19 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+#: a short SoCo schedule (tests/test_soco_pipeline.py's), score checkpoints every 4 steps
+SOCO = {"lr": 0.05, "batch_size": 2, "holdout_samples": 4, "topk": 16, "eval_every": 3, "checkpoint_every": 4,
+        "launcher": "local",
+        "schedule": {"refine_steps": 6, "sparsify_steps": 4, "sparsify_ramp": 2, "coarse_max_steps": 30}}
+
+
 def run_config(tiny_llama: Path, text_file: Path, output: Path, method: str) -> Path:
     """A tiny run's config file: several checkpoint shards, calibration's resume point saved
     after every layer (both change how the run executes, never what it computes)."""
     cfg = tiny_config(tiny_llama, output, text_file, method=method)
+    if method == "soco":
+        from pipeline.config import from_dict
+        cfg = from_dict(cfg.to_dict() | {"soco": SOCO})
     cfg.ray.enabled = False
     cfg.run.calib_resume_s = 0.0
     cfg.run.shard_size_mb = 0.02
@@ -67,7 +76,7 @@ def reference(tmp_path_factory, tiny_llama, text_file):
     """An uninterrupted run's checkpoint digests, for each method tested."""
     root = tmp_path_factory.mktemp("ref")
     out = {}
-    for method in ("svd-llm", "svd-llm+mgaa"):
+    for method in ("svd-llm", "svd-llm+mgaa", "soco"):
         r = soco(["compress", str(run_config(tiny_llama, text_file, root / method, method)), "--quiet"])
         assert r.returncode == 0, r.stderr
         out[method] = digests(root / method / "checkpoint")
@@ -81,6 +90,10 @@ def reference(tmp_path_factory, tiny_llama, text_file):
     ("svd-llm", "decompose", ("factors/layer-00002", 1), "2 of 3 layers were committed before: skipped"),
     ("svd-llm+mgaa", "decompose", ("factors/layer-00001", 1), "1 of 3 layers were committed before: skipped"),
     ("svd-llm", "assemble", ("soco-ckpt-", 2), None),
+    # killed as it writes the step-8 score checkpoint: it goes on from step 4, Adam's state restored
+    ("soco", "learn", ("scores/step-000008", 1), "learn: going on from step 4 (scores/step-000004.safetensors; "
+                                                   "Adam's moments restored)"),
+    ("soco", "assemble", ("soco-ckpt-", 2), None),
 ])
 def test_sigkill_mid_stage_then_resume_gives_the_same_checkpoint(tmp_path, tiny_llama, text_file, reference,
                                                                     method, stage, kill_at, skipped):
@@ -93,7 +106,7 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_checkpoint(tmp_path, tiny_
     again = soco(["compress", str(path), "--quiet"])
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.strip().splitlines()[-1])
-    order = ["calibrate", "decompose", "assemble"]
+    order = ["calibrate", "decompose"] + (["learn"] if method == "soco" else []) + ["assemble"]
     assert summary["resumed_stages"] == order[:order.index(stage)]  # the committed stages were skipped
     assert summary["ran_stages"][0] == stage
     if skipped:

@@ -7,6 +7,7 @@ its share of each step's windows, and rank 0 writes the score checkpoints.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -82,6 +83,15 @@ class Trainer:
             groups.append({"params": [p for k, p in self.trained.items() if not k.endswith(".score")],
                            "lr": s.scale_lr})
         self.engine = zero.engine(SoCoObjective(self.model), groups, s.zero_stage, micro_batch)
+        # Adam's moments and step count, saved in every checkpoint: a resumed run takes the same
+        # steps an uninterrupted one would (a checkpoint written before this existed has none:
+        # then Adam starts afresh, as it used to)
+        self.restored_optimizer = ckpt is not None and zero.load_optimizer_state(self.engine, self.trained, saved)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if ckpt is not None and self.rank == 0:
+            print(f"soco: learn: going on from step {state.step} ({ckpt}; Adam's moments "
+                  f"{'restored' if self.restored_optimizer else 'restart: the checkpoint has none'})",
+                  file=sys.stderr, flush=True)
         self.base_lrs = [g["lr"] for g in groups]
         self.score_params = [m.score for m in self.mods.values()]
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -154,6 +164,7 @@ class Trainer:
         values.update(self.fisher.state())
         if self.average is not None:
             values.update(self.average.state())
+        values.update(zero.optimizer_state(self.engine, self.trained))
         if self.rank == 0:
             save_scores(self.store, rel, values, self.schedule.state, self.curve)
 
