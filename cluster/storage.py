@@ -18,6 +18,74 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save, save_file
 
+from .errors import UserError
+
+
+#: how S3 is tried before an operation gives up: seconds, never a long hang (botocore's
+#: defaults retry 5 times over ~20 s and wait 60 s on a silent server). A user's own
+#: `config_kwargs` in fsspec's config win over these.
+S3_CLIENT = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 3, "mode": "standard"}}
+#: the up-front reachability check (`check_reachable`): tighter still
+S3_CHECK = {"connect_timeout": 3, "read_timeout": 3, "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def protocol_of(url: str) -> str:
+    return "file" if is_local(url) else url.split("://", 1)[0]
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None, client: dict[str, Any] | None = None,
+            retries: int = 2) -> tuple[Any, str]:
+    """fsspec's (filesystem, path) for a URL, with bounded timeouts and retries on S3 (the
+    one place this project opens remote storage)."""
+    opts = dict(storage_options or {})
+    if protocol_of(url) in ("s3", "s3a"):
+        user = (fsspec.config.conf.get("s3") or {}).get("config_kwargs") or {}
+        opts["config_kwargs"] = {**(client or S3_CLIENT), **user, **(opts.get("config_kwargs") or {})}
+    fs, path = fsspec.core.url_to_fs(local_path(url) if is_local(url) else url, **opts)
+    if hasattr(fs, "retries"):  # s3fs's own retry loop around botocore's (5 by default, with backoff)
+        fs.retries = min(fs.retries, retries)
+    return fs, path
+
+
+#: exception class names that mean "the storage could not be reached or refused us", from the
+#: libraries fsspec's remote filesystems use (botocore, aiohttp, requests, google-auth)
+UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+               "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ClientConnectorError",
+               "ServerDisconnectedError", "ServerTimeoutError", "ClientOSError", "ConnectionRefusedError",
+               "ConnectionResetError", "ConnectionError", "TimeoutError", "FSTimeoutError", "PermissionError",
+               "RefreshError", "DefaultCredentialsError", "gaierror"}
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """One line saying why storage could not be reached, if `error` (or what caused it) is
+    such a failure; None for anything else (a missing file, a bug)."""
+    seen = 0
+    e: BaseException | None = error
+    while e is not None and seen < 8:
+        if type(e).__name__ in UNREACHABLE or any(c.__name__ in UNREACHABLE for c in type(e).__mro__[1:-2]):
+            text = str(e).splitlines()[0] if str(e) else ""
+            return f"{type(e).__name__}: {text}" if text else type(e).__name__
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def check_reachable(url: str, what: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail with one line (UserError) unless remote storage at `url` answers, within seconds:
+    called before a run writes anything. A missing object is fine here (the caller says what
+    it needed); local paths are not checked."""
+    if is_local(url) or url.startswith("bundled:"):
+        return
+    try:
+        fs, path = open_fs(url, dict(storage_options or {}, skip_instance_cache=True), client=S3_CHECK, retries=1)
+        fs.exists(path)
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache()
+    except Exception as e:  # noqa: BLE001 - classified below; anything else is not ours to hide
+        reason = unreachable_reason(e)
+        if reason is None and not isinstance(e, (ImportError, ValueError)):
+            raise
+        raise UserError(f"cannot reach the {what} at {url}: {reason or str(e).splitlines()[0]}") from None
+
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
@@ -33,8 +101,7 @@ class Storage:
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
         self.root = root.rstrip("/")
         self.local = is_local(root)
-        self.fs, self.base = fsspec.core.url_to_fs(local_path(root) if self.local else root,
-                                                  **(storage_options or {}))
+        self.fs, self.base = open_fs(root, storage_options)
         if self.local:
             self.base = os.path.abspath(self.base)
 
@@ -196,7 +263,7 @@ def fetch_to_cache(url: str, storage_options: dict[str, Any] | None = None) -> s
     """
     if is_local(url):
         return local_path(url)
-    fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, p = open_fs(url, storage_options)
     info = fs.info(p)
     version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "") + str(info.get("size"))
     folder = hashlib.sha256(url.rsplit("/", 1)[0].encode()).hexdigest()[:16]

@@ -22,11 +22,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import fsspec
 import torch
 from torch import nn
 
-from cluster.storage import Storage, local_path
+from cluster.storage import Storage, local_path, open_fs
 
 from .errors import UserError
 from .model_io import DTYPE_MAP, ModelSource, build_skeleton, materialise
@@ -61,13 +60,18 @@ def compressed_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module
 
 
 # --------------------------------------------------------------------------- shard plan
+def _open_remote(url: str, storage_options: dict | None):
+    fs, path = open_fs(url, storage_options)
+    return fs.open(path, "rb")
+
+
+
 def tensor_headers(source: ModelSource) -> dict[str, tuple[str, list[int]]]:
     """{tensor: (dtype, shape)} from the shards' headers only (a remote shard is not downloaded)."""
     out = {}
     for shard in sorted(set(source.weight_map.values())):
         url = f"{source.location}/{shard}"
-        opener = open(local_path(url), "rb") if not source.remote else \
-            fsspec.open(url, "rb", **(source.storage_options or {})).open()
+        opener = open(local_path(url), "rb") if not source.remote else _open_remote(url, source.storage_options)
         with opener as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))

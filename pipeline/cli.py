@@ -97,6 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     set_threads(0)
     if args.seq_len < 1 or args.batch_size < 1 or args.eval_samples < 0:
         raise UserError("--seq-len and --batch-size must be >= 1 and --eval-samples >= 0")
+    from cluster.storage import check_reachable
+    check_reachable(args.checkpoint, "checkpoint")
+    check_reachable(args.data, "data source")
     src = ModelSource(args.checkpoint, verify=not args.no_verify)
     dtype_name = str(getattr(src.config, "dtype", None) or "float32").replace("torch.", "")
     if dtype_name not in ("float32", "bfloat16", "float16"):

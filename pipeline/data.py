@@ -9,8 +9,9 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import fsspec
 import torch
+
+from cluster.storage import open_fs
 
 from .errors import UserError
 
@@ -20,7 +21,8 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 def _read_bytes(url: str) -> bytes:
     try:
-        with fsspec.open(url, "rb") as f:
+        fs, path = open_fs(url)
+        with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise UserError(f"data source not found: {url}") from None

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cluster.storage import fetch_to_cache, file_sha256, is_local, local_path
+from cluster.storage import fetch_to_cache, file_sha256, is_local, local_path, open_fs
 
 from .errors import UserError
 
@@ -79,8 +79,7 @@ class ModelSource:
     def _exists(self, name: str) -> bool:
         if not self.remote:
             return os.path.exists(os.path.join(local_path(self.location), name))
-        import fsspec
-        fs, p = fsspec.core.url_to_fs(self._url(name), **(self.storage_options or {}))
+        fs, p = open_fs(self._url(name), self.storage_options)
         return fs.exists(p)
 
     def file(self, name: str) -> str:

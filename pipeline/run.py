@@ -27,7 +27,7 @@ import torch
 
 from cluster.executor import Executor, LocalExecutor, RayExecutor
 from cluster.lease import Lease
-from cluster.storage import Storage
+from cluster.storage import Storage, check_reachable
 
 from .config import Config
 from .data import Windows, load_windows
@@ -137,6 +137,8 @@ def compress(cfg: Config, progress: bool = True, force: bool = False,
     set_threads(cfg.run.threads)
     dtype = DTYPE_MAP[cfg.run.dtype]
     t_load = time.perf_counter()
+    for url, what in ((cfg.model, "model"), (cfg.data.source, "data source"), (cfg.output, "output")):
+        check_reachable(url, what)  # seconds, one line: before anything is read or written
     source = ModelSource(cfg.model)
     tokenizer = source.tokenizer()
     model = build_skeleton(source.config, dtype)

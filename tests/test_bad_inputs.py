@@ -268,3 +268,51 @@ def test_a_truncated_manifest_is_one_line(capsys, tmp_path, tiny_llama, text_fil
     manifest.write_text(manifest.read_text()[:50])
     code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet"])
     assert code == 2 and len(err) == 1 and "manifest.json is damaged" in err[0]
+
+
+# --------------------------------------------------------------------------- unreachable storage
+@pytest.fixture
+def dead_s3(monkeypatch):
+    """fsspec pointed at S3 endpoints that cannot answer: a closed port (refused at once) and a
+    socket that accepts connections and never replies (a hung server)."""
+    import socket
+
+    import fsspec
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    ends = {"closed": f"http://127.0.0.1:{closed}", "silent": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+
+    def point(kind: str) -> None:
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": ends[kind], "key": "k", "secret": "s"})
+    yield point
+    silent.close()
+
+
+@pytest.mark.parametrize("field, kind", [("model", "closed"), ("data", "closed"), ("output", "closed"),
+                                         ("output", "silent")])
+def test_unreachable_object_storage_is_one_line_within_seconds(capsys, tmp_path, tiny_llama, text_file, dead_s3,
+                                                               field, kind):
+    dead_s3(kind)
+    url = f"s3://nowhere/{field}"
+    cfg = _config(tmp_path, url if field == "model" else tiny_llama, url + ".txt" if field == "data" else text_file,
+                  **({"output": url} if field == "output" else {}))
+    t0 = time.monotonic()
+    code, out, err = _cli(capsys, ["compress", str(cfg), "--quiet"])
+    seconds = time.monotonic() - t0
+    assert code == 2 and len(err) == 1, err
+    what = {"model": "model", "data": "data source", "output": "output"}[field]
+    assert err[0].startswith(f"soco: error: cannot reach the {what} at s3://nowhere/{field}")
+    assert ("Timeout" in err[0]) == (kind == "silent")
+    assert json.loads(out.strip().splitlines()[-1])["soco"] == "bad_input"
+    assert seconds < 60, f"gave up after {seconds:.0f} s"  # bounded retries and timeouts, never a long hang
+    assert not (tmp_path / "out").exists()
+
+
+def test_soco_eval_of_an_unreachable_checkpoint_is_one_line(capsys, dead_s3):
+    dead_s3("closed")
+    code, _, err = _cli(capsys, ["eval", "s3://nowhere/checkpoint"])
+    assert code == 2 and len(err) == 1 and "cannot reach the checkpoint at s3://nowhere/checkpoint" in err[0]
