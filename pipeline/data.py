@@ -28,6 +28,21 @@ def _read_bytes(url: str) -> bytes:
         raise UserError(f"data source not found: {url}") from None
 
 
+def column_texts(column, where: str) -> list[str]:
+    """The values of a text column as str: UTF-8 strings, or bytes that decode as UTF-8;
+    any other type (numbers, lists), or bytes that are not UTF-8, is refused in one line."""
+    import pyarrow as pa
+    kind = column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        raise UserError(f"{where} holds {kind}, not text")
+    try:
+        values = column.to_pylist()
+        return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values if v]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where} is not UTF-8 text (byte {e.start} of a value)") from None
+
+
 def read_texts(source: str, text_field: str = "text") -> str:
     """All documents of a source joined by blank lines."""
     if source.startswith("bundled:"):
@@ -42,15 +57,20 @@ def read_texts(source: str, text_field: str = "text") -> str:
     if lower.endswith(JSON_SUFFIXES) or lower.endswith(".parquet"):
         import pyarrow.json as pj
         import pyarrow.parquet as pq
-        raw = io.BytesIO(_read_bytes(source))
+        data = _read_bytes(source)
+        if not lower.endswith(".parquet"):
+            try:
+                data.decode("utf-8")  # JSON is UTF-8; pyarrow would pass other bytes on as broken strings
+            except UnicodeDecodeError as e:
+                raise UserError(f"data source {source} is not UTF-8 text (byte {e.start})") from None
         try:
-            table = pq.read_table(raw) if lower.endswith(".parquet") else pj.read_json(raw)
+            table = pq.read_table(io.BytesIO(data)) if lower.endswith(".parquet") else pj.read_json(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - any parse failure is bad input
             raise UserError(f"cannot read {source}: {str(e).splitlines()[0]}") from None
         if text_field not in table.column_names:
             raise UserError(f"{source} has no column '{text_field}' (columns: {', '.join(table.column_names)}); "
                             "set data.text_field")
-        return "\n\n".join(str(t) for t in table.column(text_field).to_pylist() if t)
+        return "\n\n".join(t for t in column_texts(table.column(text_field), f"{source} column '{text_field}'") if t)
     raise UserError(f"unsupported data source '{source}': use bundled:NAME or a .txt, .jsonl or .parquet file")
 
 

@@ -108,10 +108,46 @@ class ModelSource:
 
     def tokenizer(self):
         from transformers import AutoTokenizer
+        if not any(self._exists(name) for name in TOKENIZER_FILES[:5]):
+            raise UserError(f"{self.location} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}); "
+                            "save the model's tokenizer beside its weights")
         try:
             return AutoTokenizer.from_pretrained(self.tokenizer_dir())
         except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad model folder
-            raise UserError(f"cannot load the tokenizer of {self.location}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load the tokenizer of {self.location}: {first}") from None
+
+    def check_index(self) -> None:
+        """Every tensor the index names is in the shard it names (read from the shards'
+        headers only, so a remote model is not downloaded): a damaged or mismatched index is
+        one line before anything is written, not a failure halfway through a run."""
+        import struct
+        listed: dict[str, set[str]] = {}
+        for name, shard in self.weight_map.items():
+            listed.setdefault(shard, set()).add(name)
+        for shard, names in sorted(listed.items()):
+            url = self._url(shard)
+            try:
+                if self.remote:
+                    fs, path = open_fs(url, self.storage_options)
+                    f = fs.open(path, "rb")
+                else:
+                    f = open(os.path.join(local_path(self.location), shard), "rb")
+                with f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    if size > 100_000_000:
+                        raise ValueError(f"header size {size}")
+                    held = set(json.loads(f.read(size))) - {"__metadata__"}
+            except FileNotFoundError:
+                raise UserError(f"{self.location}/{shard}, named by the weight index, is missing") from None
+            except (OSError, ValueError, struct.error) as e:
+                raise UserError(f"cannot read the header of {self.location}/{shard}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            missing = sorted(names - held)
+            if missing:
+                raise UserError(f"the weight index of {self.location} puts {missing[0]}"
+                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} in {shard}, "
+                                "which does not hold it")
 
     # --- tensors -------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -140,6 +140,7 @@ def compress(cfg: Config, progress: bool = True, force: bool = False,
     for url, what in ((cfg.model, "model"), (cfg.data.source, "data source"), (cfg.output, "output")):
         check_reachable(url, what)  # seconds, one line: before anything is read or written
     source = ModelSource(cfg.model)
+    source.check_index()
     tokenizer = source.tokenizer()
     model = build_skeleton(source.config, dtype)
     layers_name, layers = find_layers(model)

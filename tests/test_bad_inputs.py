@@ -316,3 +316,80 @@ def test_soco_eval_of_an_unreachable_checkpoint_is_one_line(capsys, dead_s3):
     dead_s3("closed")
     code, _, err = _cli(capsys, ["eval", "s3://nowhere/checkpoint"])
     assert code == 2 and len(err) == 1 and "cannot reach the checkpoint at s3://nowhere/checkpoint" in err[0]
+
+
+# --------------------------------------------------------------------------- model folders and data files
+def _index_points_elsewhere(folder: Path) -> None:
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][name] = shards[1]
+    path.write_text(json.dumps(index))
+
+
+def _no_tokenizer(folder: Path) -> None:
+    for f in list(folder.iterdir()):
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            f.unlink()
+
+
+def _shard_deleted(folder: Path) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / sorted(set(index["weight_map"].values()))[-1]).unlink()
+
+
+def _header_garbled(folder: Path) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / sorted(set(index["weight_map"].values()))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:24] = b"\x00" * 16
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (_index_points_elsewhere, "which does not hold it"),
+    (_no_tokenizer, "has no tokenizer"),
+    (_shard_deleted, "named by the weight index, is missing"),
+    (_header_garbled, "cannot read the header of"),
+])
+def test_a_damaged_model_folder_is_one_line_before_anything_is_written(capsys, tmp_path, tiny_llama, text_file,
+                                                                       damage, fragment):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    damage(model)
+    code, out, err = _cli(capsys, ["compress", str(_config(tmp_path, model, text_file)), "--quiet"])
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _parquet(path: Path, column) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": column}), path)
+    return path
+
+
+def _jsonl(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: _jsonl(p.with_suffix(".jsonl"), ('{"text": "caf\xe9 au lait"}\n' * 50).encode("latin-1")),
+     "is not UTF-8 text"),
+    (lambda p: _parquet(p.with_suffix(".parquet"), [b"caf\xe9 " * 50] * 10), "column 'text' is not UTF-8 text"),
+    (lambda p: _parquet(p.with_suffix(".parquet"), [1, 2, 3]), "column 'text' holds int64, not text"),
+    (lambda p: _jsonl(p.with_suffix(".jsonl"), b'{"text": [1, 2]}\n' * 5), "not text"),
+])
+def test_data_files_that_are_not_text_are_one_line(capsys, tmp_path, tiny_llama, make, fragment):
+    data = make(tmp_path / "data")
+    code, _, err = _cli(capsys, ["compress", str(_config(tmp_path, tiny_llama, data)), "--quiet"])
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_utf8_bytes_in_a_parquet_column_are_read_as_text(tmp_path):
+    from pipeline.data import read_texts
+    path = _parquet(tmp_path / "d.parquet", ["café".encode(), b"tea"])
+    assert read_texts(str(path)) == "café\n\ntea"
