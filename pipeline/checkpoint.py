@@ -198,6 +198,8 @@ def write_metadata(out: Storage, source: ModelSource, entry: dict[str, Any], dty
     c = source.config.to_dict()
     c["soco"] = entry | {"format": FORMAT}
     c["torch_dtype"] = c["dtype"] = str(dtype).replace("torch.", "")
+    c["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.SocoForCausalLM"}  # plain transformers loads it
+    out.write_bytes(f"{REMOTE_MODULE}.py", remote_code(source.config).encode())
     with tempfile.TemporaryDirectory(prefix="soco-meta-") as tmp:
         source.tokenizer().save_pretrained(tmp)
         for f in sorted(os.listdir(tmp)):
@@ -209,6 +211,20 @@ def write_metadata(out: Storage, source: ModelSource, entry: dict[str, Any], dty
     index = {"metadata": {"total_size": total, "soco_sha256": dict(zip(names, checksums))},
              "weight_map": dict(sorted(weight_map.items()))}
     out.write_bytes("model.safetensors.index.json", json.dumps(index, indent=2).encode())
+
+
+REMOTE_MODULE = "modeling_soco"
+
+
+def remote_code(config) -> str:
+    """modeling_soco.py for a checkpoint of this config: the template (pipeline/hf_remote)
+    and the line naming the transformers class of its model type."""
+    from importlib import resources
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    base = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+    template = resources.files("pipeline.hf_remote").joinpath(f"{REMOTE_MODULE}.py").read_text()
+    return template + f'SocoForCausalLM = soco_class("{base}")\n'
 
 
 # --------------------------------------------------------------------------- loading

@@ -197,7 +197,7 @@ def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     config._attn_implementation = attn_implementation(config)
     try:
         with _meta_parameters():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except ValueError as e:
         raise UserError(f"not a supported causal LM config ({config.model_type}): {e}") from None
     model.eval()

@@ -191,20 +191,33 @@ def test_supported_checkpoints_need_no_key_conversion():
         assert get_checkpoint_conversion_mapping(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]) is None, model_type
 
 
+_COMPRESSED: dict[tuple[str, str], Path] = {}
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_model, tmp_path_factory, text_file):
+    """compressed(arch, method="svd-llm") -> checkpoint folder of the tiny model at ratio 0.4."""
+    def build(arch: str, method: str = "svd-llm") -> Path:
+        if (arch, method) not in _COMPRESSED:
+            from pipeline.config import from_dict
+            run = tmp_path_factory.mktemp(f"{arch}-{method}")
+            cfg = from_dict({"model": str(tiny_model(arch)), "output": str(run / "run"),
+                             "data": {"source": str(text_file), "calib_samples": 8, "seq_len": 32, "eval_samples": 2,
+                                      "batch_size": 4},
+                             "compress": {"method": method, "ratio": 0.4},
+                             "run": {"threads": 1, "shard_size_mb": 0.05, "eval_dense": False},
+                             "ray": {"enabled": False}})
+            report = pipeline.compress(cfg, progress=False)
+            assert report["achieved_ratio"]["linear"] >= 0.35
+            _COMPRESSED[arch, method] = run / "run" / "checkpoint"
+        return _COMPRESSED[arch, method]
+    return build
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_compresses_end_to_end(tiny_model, tmp_path, text_file, arch):
+def test_compresses_end_to_end(compressed, arch):
     from pipeline.checkpoint import compressed_skeleton
-    from pipeline.config import from_dict
-    folder = tiny_model(arch)
-    cfg = from_dict({"model": str(folder), "output": str(tmp_path / "run"),
-                     "data": {"source": str(text_file), "calib_samples": 8, "seq_len": 32, "eval_samples": 2,
-                              "batch_size": 4},
-                     "compress": {"method": "svd-llm", "ratio": 0.4},
-                     "run": {"threads": 1, "shard_size_mb": 0.05, "eval_dense": False},
-                     "ray": {"enabled": False}})
-    report = pipeline.compress(cfg, progress=False)
-    assert report["achieved_ratio"]["linear"] >= 0.35
-    ckpt = str(tmp_path / "run" / "checkpoint")
+    ckpt = str(compressed(arch))
     model = pipeline.load_compressed(ckpt).eval()
     ids = windows(model.config.vocab_size, n=2, length=32)
     with torch.no_grad():
@@ -216,6 +229,63 @@ def test_compresses_end_to_end(tiny_model, tmp_path, text_file, arch):
     assert_same_logits(loaded, expected)
     print(f"{arch}: compressed checkpoint, load_compressed vs layer by layer: max relative logit difference "
           f"{rel_diff(loaded, expected):.2e}")
+
+
+#: run in a child process whose sys.path holds no trace of this project: load each checkpoint
+#: with plain transformers, save its logits on fixed windows, and generate a few tokens
+PLAIN_LOAD = """
+import importlib.util, json, sys
+root = sys.argv[1]
+sys.path = [p for p in sys.path if p not in ("", root, root + "/")]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()
+                 and "editable" not in str(getattr(f, "__name__", "")).lower()]
+for mod in ("pipeline", "soco", "cluster"):
+    assert importlib.util.find_spec(mod) is None, f"{mod} is importable"
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+for ckpt, ids_file, out_file in json.loads(sys.argv[2]):
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = torch.load(ids_file)
+    with torch.no_grad():
+        logits = model(ids).logits
+    prompt = tok("The history of", return_tensors="pt").input_ids
+    new = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
+    kinds = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("LowRankLinear", "Linear")})
+    torch.save({"logits": logits, "new_tokens": new, "class": type(model).__name__, "kinds": kinds}, out_file)
+"""
+
+
+@pytest.mark.slow
+def test_plain_transformers_loads_every_checkpoint(compressed, tmp_path):
+    """Every architecture (and a LoRAP checkpoint with narrowed MLPs) loads with
+    `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` where this project is
+    not importable, gives load_compressed's logits, and generates."""
+    import json
+    import subprocess
+    import sys
+    cases = [(arch, "svd-llm") for arch in ARCHS] + [("llama", "lorap")]
+    jobs, expected = [], {}
+    for arch, method in cases:
+        ckpt = compressed(arch, method)
+        model = pipeline.load_compressed(str(ckpt)).eval()
+        ids = windows(model.config.vocab_size, n=2, length=32)
+        with torch.no_grad():
+            expected[arch, method] = model(ids).logits
+        torch.save(ids, tmp_path / f"{arch}-{method}.ids")
+        jobs.append((str(ckpt), str(tmp_path / f"{arch}-{method}.ids"), str(tmp_path / f"{arch}-{method}.out")))
+    root = str(Path(pipeline.__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", PLAIN_LOAD, root, json.dumps(jobs)], capture_output=True, text=True,
+                       timeout=900, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (arch, method), (_, _, out) in zip(cases, jobs):
+        got = torch.load(out)
+        assert got["class"].startswith("Soco") and got["class"].endswith("ForCausalLM"), got["class"]
+        assert "LowRankLinear" in got["kinds"] or method == "lorap"
+        assert got["new_tokens"].numel() == 4
+        assert_same_logits(got["logits"], expected[arch, method])
+        print(f"{arch} {method}: plain transformers vs load_compressed: max relative logit difference "
+              f"{rel_diff(got['logits'], expected[arch, method]):.2e}")
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gemma3", "bert", "gpt_neox"])
