@@ -247,4 +247,16 @@ def load_compressed(path: str, dtype: str | torch.dtype | None = None,
     return model
 
 
-__all__ = ["load_compressed", "compressed_skeleton", "shard_plan", "write_shard", "soco_entry"]
+def load_dense(path: str, dtype: str | torch.dtype = "float32",
+               storage_options: dict[str, Any] | None = None) -> nn.Module:
+    """The dense model at `path` (local folder, fsspec URL or bundled:NAME), built the way
+    `load_compressed` builds a checkpoint: meta skeleton, then the shards assigned."""
+    source = ModelSource(path, storage_options)
+    dt = DTYPE_MAP[str(dtype).replace("torch.", "")] if not isinstance(dtype, torch.dtype) else dtype
+    model = build_skeleton(source.config, dt)
+    materialise(model, model, "", source, dt)
+    model.tie_weights()
+    return model
+
+
+__all__ = ["load_compressed", "load_dense", "compressed_skeleton", "shard_plan", "write_shard", "soco_entry"]

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--no-verify", action="store_true", help="skip checking the shards against their recorded SHA-256")
+    e.add_argument("--tasks", default="", help="zero-shot tasks, e.g. piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
+                                               "openbookqa,boolq (lm-eval, validation splits)")
+    e.add_argument("--limit", type=int, default=0, help="first N documents per zero-shot task (0 = all)")
     from .jobs import add_job_parsers
     add_job_parsers(sub)  # submit / status / logs (Ray Jobs)
     return p
@@ -95,8 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .run import set_threads
     from .stages.evaluate import perplexity, stored_params
     set_threads(0)
-    if args.seq_len < 1 or args.batch_size < 1 or args.eval_samples < 0:
-        raise UserError("--seq-len and --batch-size must be >= 1 and --eval-samples >= 0")
+    from .zeroshot import parse_tasks
+    if args.seq_len < 1 or args.batch_size < 1 or args.eval_samples < 0 or args.limit < 0:
+        raise UserError("--seq-len and --batch-size must be >= 1, --eval-samples and --limit >= 0")
+    tasks = parse_tasks(args.tasks)
     from cluster.storage import check_reachable
     check_reachable(args.checkpoint, "checkpoint")
     check_reachable(args.data, "data source")
@@ -112,6 +117,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = {"checkpoint": args.checkpoint, "perplexity": ppl, "eval_windows": int(w.eval.shape[0]),
            "seq_len": args.seq_len, "params": stored_params(src, layers_name),
            "compressed_modules": len(entry_modules(entry)) if entry else 0}
+    if tasks:  # a soco checkpoint or a dense model folder alike
+        from .checkpoint import load_compressed, load_dense
+        from .stages.evaluate import accuracy
+        load = load_compressed if entry is not None else load_dense
+        out["zero_shot"] = accuracy({"model": lambda: load(src.location, dtype_name)}, src.tokenizer(), tasks,
+                                    args.limit, args.batch_size)
     print(json.dumps(out, indent=2))
     return 0
 

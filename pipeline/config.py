@@ -56,6 +56,15 @@ class RunConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Zero-shot accuracy beside perplexity (pipeline/zeroshot.py: lm-eval on local validation data)."""
+
+    tasks: list = field(default_factory=list)  # e.g. [piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, boolq]
+    limit: int = 0  # the first N documents of each task; 0 = all
+    batch_size: int = 8  # requests per forward pass
+
+
+@dataclass
 class RayConfig:
     """Which executor runs the stages (cluster/executor.py) and where. Results do not depend on these."""
 
@@ -78,6 +87,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     #: the registered methods' sections by name (`soco`), each its method's dataclass
     sections: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -179,6 +189,11 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.eval_samples must be >= 0, got {cfg.data.eval_samples}")
     if cfg.run.dtype not in DTYPES:
         raise UserError(f"run.dtype must be one of {', '.join(DTYPES)}, got '{cfg.run.dtype}'")
+    from .zeroshot import parse_tasks
+    cfg.evaluate.tasks = parse_tasks(cfg.evaluate.tasks if isinstance(cfg.evaluate.tasks, (list, str)) else
+                                     str(cfg.evaluate.tasks))
+    if cfg.evaluate.limit < 0 or cfg.evaluate.batch_size < 1:
+        raise UserError("evaluate.limit must be >= 0 and evaluate.batch_size >= 1")
     if cfg.run.calib_resume_s < 0:
         raise UserError(f"run.calib_resume_s must be >= 0, got {cfg.run.calib_resume_s}")
     if not cfg.run.shard_size_mb > 0:

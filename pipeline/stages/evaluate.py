@@ -11,7 +11,7 @@ from it with its timings.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -64,7 +64,7 @@ class Evaluate(Stage):
     name = "evaluate"
     contract = "2"
     outputs = (EVALUATION,)
-    fields = ("data.eval_samples", "data.seq_len", "run.eval_dense")
+    fields = ("data.eval_samples", "data.seq_len", "run.eval_dense", "evaluate")
 
     def run(self, ctx: StageContext) -> None:
         cfg, store = ctx.cfg, ctx.store
@@ -92,7 +92,30 @@ class Evaluate(Stage):
             "checkpoint": store.url("checkpoint"),
             "timings_s": {},
         }
+        if cfg.evaluate.tasks:
+            from ..checkpoint import load_compressed, load_dense
+            models = {"compressed": lambda: load_compressed(store.url("checkpoint"), ctx.dtype_name)}
+            if cfg.run.eval_dense:
+                models["dense"] = lambda: load_dense(worker_location(cfg.model), ctx.dtype_name)
+            report["zero_shot"] = accuracy(models, ckpt.tokenizer(), cfg.evaluate.tasks, cfg.evaluate.limit,
+                                           cfg.evaluate.batch_size)
         store.write_json(EVALUATION, report)
+
+
+def accuracy(models: dict[str, Callable[[], Any]], tokenizer, tasks: list[str], limit: int,
+             batch_size: int) -> dict[str, Any]:
+    """Zero-shot accuracy of each named model, loaded whole in this process one after another
+    (lm-eval needs the whole model): {"tasks", "split", "limit", name: {task: {acc, acc_norm, n}}}."""
+    import gc
+
+    from ..zeroshot import SPLIT, zero_shot
+    out: dict[str, Any] = {"tasks": tasks, "split": SPLIT, "limit": limit}
+    for name, load in models.items():
+        model = load()
+        out[name] = zero_shot(model, tokenizer, tasks, limit, batch_size)
+        del model
+        gc.collect()
+    return out
 
 
 def write_report(store, report: dict[str, Any]) -> None:
@@ -125,7 +148,27 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"({r['achieved_ratio']['total']:.4f} of all parameters).", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+    if r.get("zero_shot"):
+        lines += ["", zero_shot_table(r["zero_shot"])]
     return "\n".join(lines) + "\n"
+
+
+def zero_shot_table(z: dict[str, Any]) -> str:
+    """Markdown: per task, acc (and acc_norm) of the dense and the compressed model."""
+    dense = z.get("dense") or {}
+    rows = [f"Zero-shot accuracy (lm-eval, {z['split']} split"
+            + (f", first {z['limit']} documents per task" if z.get("limit") else "") + "):", "",
+            "| task | documents | dense acc | compressed acc | dense acc_norm | compressed acc_norm |",
+            "|---|---|---|---|---|---|"]
+    for task, c in z["compressed"].items():
+        d = dense.get(task, {})
+        rows.append(f"| {task} | {c['n']} | {_pct(d.get('acc'))} | {_pct(c.get('acc'))} | {_pct(d.get('acc_norm'))} "
+                    f"| {_pct(c.get('acc_norm'))} |")
+    return "\n".join(rows)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def _fmt(x) -> str:
