@@ -82,11 +82,12 @@ class Manifest:
                 bad.append(rel)
         return bad
 
-    def adopt(self, stage: str, donor: Storage) -> bool:
+    def adopt(self, stage: str, donor: Storage, outputs: Sequence[str]) -> bool:
         """Take a stage committed in another run folder with the same key (a sweep's runs that
-        share a model and data share one calibration): copy its files, after checking their
-        checksums, and commit it here. False (nothing changed) when the donor has no such
-        intact stage."""
+        share a model and data share one calibration): copy its files, after checking them
+        against the checksums the donor recorded, and commit it here. False (nothing changed)
+        when the donor has no such intact stage, or recorded no checksum for some file of its
+        `outputs` (written by a version without checksums: nothing to verify it by)."""
         try:
             entry = donor.read_json("manifest.json").get("stages", {}).get(stage) if donor.exists("manifest.json") \
                 else None
@@ -95,6 +96,9 @@ class Manifest:
         if not entry or entry.get("status") != "done" or entry.get("key") != self.keys[stage]:
             return False
         files = entry.get("files") or {}
+        present = [rel for out in outputs for rel in donor.files(out)]
+        if not present or sorted(present) != sorted(files):
+            return False
         try:
             if any(donor.sha256(rel) != digest for rel, digest in files.items()):
                 return False

@@ -115,7 +115,7 @@ def adopt_stages(man: Manifest, stages: list[Stage], donors: Sequence[str]) -> d
     for stage in stages:
         if man.done(stage.name) and not man.damaged(stage.name):
             continue
-        donor = next((d for d in donors if man.adopt(stage.name, Storage(d))), None)
+        donor = next((d for d in donors if man.adopt(stage.name, Storage(d), stage.outputs)), None)
         if donor is None:
             break
         print(f"soco: {stage.name}: reused from {donor}", file=sys.stderr, flush=True)

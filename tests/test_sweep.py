@@ -112,3 +112,23 @@ def test_pareto_front():
     pts = [(0.2, 10.0), (0.4, 20.0), (0.4, 30.0), (0.6, 15.0), (0.1, 12.0)]
     assert pareto(pts) == [True, False, False, True, False]
     assert pareto([(0.2, 10.0), (0.4, 20.0)]) == [True, True]
+
+
+def test_a_stage_is_adopted_only_with_every_file_checksummed(tmp_path, tiny_llama, text_file):
+    """A donor whose manifest records no checksums (an older version wrote it), or whose
+    committed files changed, gives nothing: the run computes the stage itself."""
+    from pipeline import compress
+
+    from conftest import tiny_config
+    donor = tiny_config(tiny_llama, tmp_path / "donor", text_file)
+    donor.ray.enabled = False
+    compress(donor, progress=False)
+    manifest = tmp_path / "donor" / "manifest.json"
+    state = json.loads(manifest.read_text())
+    state["stages"]["calibrate"]["files"] = {}
+    manifest.write_text(json.dumps(state))
+    cfg = tiny_config(tiny_llama, tmp_path / "run", text_file)
+    cfg.ray.enabled = False
+    report = compress(cfg, progress=False, reuse_from=[str(tmp_path / "donor")])
+    assert report["adopted_stages"] == {} and "calibrate" in report["timings_s"]
+    assert (tmp_path / "run" / "calib" / "layer-00000.safetensors").exists()
