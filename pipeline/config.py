@@ -247,19 +247,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: {}); anything else is one line naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must be a mapping of keys to values")
+    return data
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or the defaults when path is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
-        except UnicodeDecodeError:
-            raise UserError(f"config {path} is not UTF-8 text") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config {path} must be a mapping of keys to values")
+    data = read_yaml_mapping(path) if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))

@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from cluster.errors import Busy
 from cluster.executor import Executor, LocalExecutor, RayExecutor
 from cluster.storage import Storage
 
-from .config import apply_overrides, from_dict
+from .config import apply_overrides, from_dict, read_yaml_mapping
 from .errors import UserError
 from .model_io import worker_location
 
@@ -93,28 +92,8 @@ def _as_list(spec: dict[str, Any], key: str, default: list[Any] | None = None) -
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep file; every run's config is validated before anything runs."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
-    except UnicodeDecodeError:
-        raise UserError(f"sweep {path} is not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(spec, dict):
-        raise UserError(f"sweep {path} must be a mapping of keys to values")
-    base: dict[str, Any] = {}
-    if spec.get("base"):
-        base_path = p.parent / str(spec["base"])
-        if not base_path.is_file():
-            raise UserError(f"sweep base config not found: {base_path}")
-        try:
-            base = yaml.safe_load(base_path.read_bytes().decode("utf-8")) or {}
-        except (UnicodeDecodeError, yaml.YAMLError):
-            raise UserError(f"sweep base config {base_path} is not a readable YAML file") from None
-        if not isinstance(base, dict):
-            raise UserError(f"sweep base config {base_path} must be a mapping of keys to values")
+    spec = read_yaml_mapping(path, "sweep")
+    base = read_yaml_mapping(Path(path).parent / str(spec["base"]), "sweep base config") if spec.get("base") else {}
     return expand(spec, base, overrides or [])
 
 
