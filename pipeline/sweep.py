@@ -25,7 +25,8 @@ With `parallel: N` every run is one Ray task reserving `cpus_per_run` CPUs, Ray 
 many as the cluster's resources allow (at most N submitted at once), and each run's stages
 run inside its task. A failed run does not stop the others; the sweep reports it.
 
-Results under the root: `results.parquet` (one row per run), `results.md`, and per model
+Results under the root: `results.parquet` (one row per run; with `evaluate.tasks` set, also
+the mean zero-shot accuracy of each checkpoint), `results.md`, and per model
 `<model>.png`: perplexity against achieved ratio, one line per method, the Pareto front
 (runs no other run beats on both) marked.
 """
@@ -186,7 +187,10 @@ def _outcome(config: dict[str, Any], donors: list[str], force: bool) -> dict[str
     except Exception as e:  # noqa: BLE001 - reported in the sweep's table and exit code
         return {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     ran = [s for s in report["timings_s"] if s != "load" and s not in report["resumed_stages"]]
+    zs = (report.get("zero_shot") or {}).get("compressed") or {}
+    accs = [r.get("acc_norm", r.get("acc")) for r in zs.values()]
     return {"status": "done" if ran else "nothing_to_do", "ran_stages": ran,
+            "zero_shot_mean": sum(accs) / len(accs) if accs else None,
             "adopted_stages": sorted(report.get("adopted_stages", {})),
             "ppl": report["perplexity"]["compressed"], "dense_ppl": report["perplexity"].get("dense"),
             "achieved_ratio": report["achieved_ratio"]["linear"], "linear_params": report["params"]["linear_after"],
@@ -235,6 +239,7 @@ def table_rows(sweep: Sweep, outcomes: list[dict[str, Any]]) -> list[dict[str, A
                 for k, v in run.values.items() if k not in ("model", "compress.method", "compress.ratio")}
         row |= {"status": out["status"], "ppl": out.get("ppl"), "dense_ppl": dense.get(run.dense_group),
                 "achieved_ratio": out.get("achieved_ratio"), "linear_params": out.get("linear_params"),
+                "zero_shot_mean": out.get("zero_shot_mean"),
                 "seconds": out.get("seconds"), "adopted_stages": ",".join(out.get("adopted_stages", [])),
                 "error": out.get("error", "")}
         rows.append(row)
