@@ -125,7 +125,8 @@ def main() -> None:
 
 def zero_shot_table(a: argparse.Namespace) -> None:
     """Zero-shot accuracy of the dense model and of each (method, ratio) whose checkpoint the
-    compression runs kept; written after every model to <results>-zeroshot.{json,md}."""
+    compression runs kept; written after every model to <results>-zeroshot.{json,md}. Models
+    measured before with the same tasks and limit are kept, not measured again."""
     from pipeline.checkpoint import load_compressed, load_dense
     from pipeline.model_io import ModelSource
     from pipeline.stages.evaluate import accuracy
@@ -146,6 +147,8 @@ def zero_shot_table(a: argparse.Namespace) -> None:
             else:
                 print(f"{method} r={ratio}: no kept checkpoint at {ckpt}: skipped", flush=True)
     for name, load in models.items():
+        if name in out["rows"]:  # measured before with the same tasks and limit
+            continue
         t0 = time.time()
         out["rows"][name] = accuracy({name: load}, tokenizer, tasks, a.zero_shot_limit, 16)[name]
         out["rows"][name]["seconds"] = round(time.time() - t0, 1)
