@@ -143,11 +143,16 @@ def test_two_processes_on_one_folder_one_runs_the_other_is_busy(tmp_path, tiny_l
         out, err = p.communicate(timeout=300)
         results.append((p.returncode, out, err))
     codes = sorted(code for code, _, _ in results)
-    assert codes == [0, 3], [r[2][-500:] for r in results]
+    # the usual outcome is [0, 3]; on a loaded machine the second may reach the lease only
+    # after the first finished, and then finds its work committed: nothing to do (4)
+    assert codes in ([0, 3], [0, 4]), [r[2][-500:] for r in results]
     winner = next(r for r in results if r[0] == 0)
-    loser = next(r for r in results if r[0] == 3)
+    other = next(r for r in results if r[0] != 0)
     assert "perplexity: compressed" in winner[1]
-    assert "soco: busy:" in loser[2] and "perplexity" not in loser[1]
+    if other[0] == 3:
+        assert "soco: busy:" in other[2] and "perplexity" not in other[1]
+    else:
+        assert json.loads(other[1].strip().splitlines()[-1])["ran_stages"] == []
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "done"
 
 
