@@ -39,7 +39,7 @@ def data_root() -> str:
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
     """A list of known task names from 'piqa,boolq' or ['piqa', 'boolq'] (one line if unknown)."""
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if str(t).strip()]
+    names = [str(t).strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if str(t).strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise UserError(f"unknown zero-shot task '{unknown[0]}'; known: {', '.join(TASKS)}")
