@@ -16,3 +16,8 @@ def result_line(status: str, **fields: Any) -> str:
 def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     """{status: runs with it}, in order of first appearance."""
     return {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+
+
+def ran_stages(report: dict[str, Any]) -> list[str]:
+    """The stages a run's report says actually ran (not resumed): none means nothing to do."""
+    return [s for s in report["timings_s"] if s != "load" and s not in report["resumed_stages"]]

@@ -48,6 +48,7 @@ from cluster.storage import Storage
 
 from .config import apply_overrides, from_dict, read_yaml_mapping
 from .errors import UserError
+from .exits import ran_stages
 from .model_io import worker_location
 
 KEYS = ("root", "base", "models", "methods", "ratios", "grid", "set", "parallel", "cpus_per_run")
@@ -186,7 +187,7 @@ def _outcome(config: dict[str, Any], donors: list[str], force: bool) -> dict[str
         return {"status": "bad_input", "error": str(e)}
     except Exception as e:  # noqa: BLE001 - reported in the sweep's table and exit code
         return {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    ran = [s for s in report["timings_s"] if s != "load" and s not in report["resumed_stages"]]
+    ran = ran_stages(report)
     zs = (report.get("zero_shot") or {}).get("compressed") or {}
     accs = [r.get("acc_norm", r.get("acc")) for r in zs.values()]
     return {"status": "done" if ran else "nothing_to_do", "ran_stages": ran,

@@ -94,7 +94,7 @@ class Evaluate(Stage):
         }
         if cfg.evaluate.tasks:
             from ..checkpoint import load_compressed, load_dense
-            models = {"compressed": lambda: load_compressed(store.url("checkpoint"), ctx.dtype_name)}
+            models = {"compressed": lambda: load_compressed(store.url("checkpoint"), ctx.dtype_name, verify=False)}
             if cfg.run.eval_dense:
                 models["dense"] = lambda: load_dense(worker_location(cfg.model), ctx.dtype_name)
             report["zero_shot"] = accuracy(models, ckpt.tokenizer(), cfg.evaluate.tasks, cfg.evaluate.limit,
