@@ -10,7 +10,15 @@ folder whose calibration all ratios share), each model is measured in a fresh pr
   memory (on a GPU: peak allocated GPU memory).
 
 Each timing is the median of `--repeats` runs after a warm-up. Results: bench/results/
-inference.{json,md}. The same script runs on a GPU with `--device cuda`.
+inference.{json,md}. The same script runs on a GPU with `--device cuda` (and `--dtype
+bfloat16`, a GPU's usual inference precision).
+
+`--random-weights` builds the dense model from `--model`'s config and tokenizer with random
+weights (seed 0) and compresses that: for a machine that does not hold the weights (a GPU
+machine with no route to them). Every timing and size depends on the shapes alone (the
+ranks of these uniform checkpoints follow from the shapes, decode generates a fixed number of
+tokens), so the figures are those of the real model; the perplexities are not, and are not
+reported.
 
     .venv/bin/python bench/inference.py                     # SmolLM2, svd-llm at 0.2/0.4/0.6, CPU
     .venv/bin/python bench/inference.py --device cuda --results bench/results/inference-gpu
@@ -31,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(location: str, compressed: bool, device: str, repeats: int, prompt: int, new_tokens: int) -> dict:
+def measure(location: str, compressed: bool, device: str, dtype: str, repeats: int, prompt: int,
+            new_tokens: int) -> dict:
     """Run in a fresh process: load one model and time it (see the module docstring)."""
     import resource
 
@@ -39,7 +48,7 @@ def measure(location: str, compressed: bool, device: str, repeats: int, prompt: 
 
     from pipeline.checkpoint import load_compressed, load_dense
     torch.manual_seed(0)
-    model = (load_compressed(location, "float32") if compressed else load_dense(location, "float32")).eval()
+    model = (load_compressed(location, dtype) if compressed else load_dense(location, dtype)).eval()
     model.to(device)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     vocab = model.config.vocab_size
@@ -82,16 +91,18 @@ def checkpoints(a: argparse.Namespace) -> dict[float, str]:
     from pipeline.config import from_dict
     work = Path(a.workdir)
     out = {}
+    model = random_dense(a) if a.random_weights else a.model
     for ratio in a.ratios:
         dest = work / f"{a.method}-r{ratio}"
         if not (dest / "model.safetensors.index.json").exists():
-            cfg = from_dict({"model": a.model, "output": str(work / "run"),
-                             "data": {"source": "bundled:wiki", "calib_samples": 64, "seq_len": 512,
+            cfg = from_dict({"model": model, "output": str(work / "run"),
+                             "data": {"source": "bundled:wiki", "calib_samples": a.calib_samples, "seq_len": 512,
                                       "eval_samples": 8},
                              "compress": {"method": a.method, "ratio": ratio},
                              "run": {"eval_dense": False}, "ray": {"enabled": False}})
             donor = ROOT / "bench" / "out" / "quality-run" / a.method  # the quality bench's calibration, if any
-            compress(cfg, progress=False, reuse_from=[str(donor)] if donor.exists() else [])
+            reuse = [str(donor)] if donor.exists() and not a.random_weights else []
+            compress(cfg, progress=False, reuse_from=reuse)
             if dest.exists():
                 shutil.rmtree(dest)
             shutil.copytree(work / "run" / "checkpoint", dest)
@@ -99,13 +110,33 @@ def checkpoints(a: argparse.Namespace) -> dict[float, str]:
     return out
 
 
+def random_dense(a: argparse.Namespace) -> str:
+    """A folder with `--model`'s config and tokenizer and random weights (seed 0), made once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.model_io import ModelSource
+    dest = Path(a.workdir) / "dense-random-weights"
+    if not (dest / "config.json").exists():
+        src = ModelSource(a.model).location
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+        tmp = dest.with_name(dest.name + ".tmp")
+        model.save_pretrained(str(tmp), max_shard_size="200MB")
+        AutoTokenizer.from_pretrained(src).save_pretrained(str(tmp))
+        os.replace(tmp, dest)
+    return str(dest)
+
+
 def render(res: dict) -> str:
     rows = res["rows"]
     dense = rows["dense"]
-    lines = [f"Device: {res['device']} ({res['machine']}), torch threads {res['threads']}, float32; prompts of "
+    lines = [f"Device: {res['device']} ({res['machine']}), torch threads {res['threads']}, {res['dtype']}; prompts of "
              f"{res['prompt']} random tokens; decode = {res['new_tokens']} greedy tokens with the KV cache after "
              f"the prompt, batch 1; median of {res['repeats']} runs after a warm-up; each model in a fresh process. "
-             f"Compressed: `{res['method']}` checkpoints of `{res['model']}` (uniform ranks).", "",
+             f"Compressed: `{res['method']}` checkpoints of `{res['model']}` (uniform ranks)"
+             + (", random weights of its shapes (timings and sizes depend on the shapes alone)"
+                if res.get("random_weights") else "") + ".", "",
              "| model | weights (MB) | peak memory (MB) | prefill b1 (tok/s) | prefill b8 (tok/s) | decode b1 (tok/s) "
              "| speedup prefill b1 / b8 / decode |", "|---|---|---|---|---|---|---|"]
     mem = "peak_gpu_mb" if "peak_gpu_mb" in dense else "peak_rss_mb"
@@ -124,6 +155,11 @@ def main() -> None:
     ap.add_argument("--method", default="svd-llm")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--calib-samples", type=int, default=64,
+                    help="calibration windows of the checkpoints (uniform ranks: their shapes do not depend on it)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="random weights of --model's shapes (for a machine without the weights)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -133,21 +169,23 @@ def main() -> None:
     ap.add_argument("--compressed", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.measure:
-        print(json.dumps(measure(a.measure, a.compressed, a.device, a.repeats, a.prompt, a.new_tokens)))
+        print(json.dumps(measure(a.measure, a.compressed, a.device, a.dtype, a.repeats, a.prompt, a.new_tokens)))
         return
     import torch
 
     from pipeline.model_io import ModelSource
-    models = {"dense": (ModelSource(a.model).location, False)}
-    models |= {f"{a.method} r={r}": (p, True) for r, p in checkpoints(a).items()}
+    made = checkpoints(a)
+    models = {"dense": (random_dense(a) if a.random_weights else ModelSource(a.model).location, False)}
+    models |= {f"{a.method} r={r}": (p, True) for r, p in made.items()}
     res = {"device": a.device if a.device == "cpu" else torch.cuda.get_device_name(0),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": torch.get_num_threads(),
            "prompt": a.prompt, "new_tokens": a.new_tokens, "repeats": a.repeats, "method": a.method,
-           "model": a.model, "rows": {}}
+           "model": a.model, "dtype": a.dtype, "random_weights": a.random_weights, "rows": {}}
     out = Path(a.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, (loc, compressed) in models.items():
-        cmd = [sys.executable, __file__, "--measure", loc, "--device", a.device, "--repeats", str(a.repeats),
+        cmd = [sys.executable, __file__, "--measure", loc, "--device", a.device, "--dtype", a.dtype,
+               "--repeats", str(a.repeats),
                "--prompt", str(a.prompt), "--new-tokens", str(a.new_tokens)] + (["--compressed"] if compressed else [])
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res["rows"][name] = json.loads(r.stdout.strip().splitlines()[-1])

@@ -169,7 +169,7 @@ def load_optimizer_state(eng, params: dict[str, nn.Parameter], saved: dict[str, 
         eng.optimizer._lazy_init_hp_params_optimizer_state()
     for n, p in params.items():
         for k in ADAM_STATE:
-            safe_set_full_optimizer_state(p, saved[f"{n}.{k}"].to(torch.float32), k)
+            safe_set_full_optimizer_state(p, saved[f"{n}.{k}"].to(flats[0].device, torch.float32), k)
     return True
 
 

@@ -16,7 +16,9 @@ import torch
 
 
 class IterateAverage:
-    """Bias-corrected EMA of named tensors; pure tensor arithmetic (held on every rank).
+    """Bias-corrected EMA of named tensors; pure tensor arithmetic (held on every rank, in host
+    memory whatever device the values come from: they are small, and a checkpoint or a
+    restored one needs no device).
 
     Also the running mean behind the Fisher pruning importance (soco/importance.py), which
     averages (s * dL/ds)^2 instead of the scores; `suffix` names its checkpoint entries.
@@ -33,7 +35,7 @@ class IterateAverage:
     def update(self, values: dict[str, torch.Tensor]) -> None:
         """Fold one step's values in (the same names every step)."""
         for name, v in values.items():
-            v = v.detach().float()
+            v = v.detach().float().cpu()
             if name not in self.ema:
                 self.ema[name] = torch.zeros_like(v)
             self.ema[name].mul_(self.decay).add_(v, alpha=1.0 - self.decay)

@@ -123,6 +123,6 @@ def apply_cut(mods: dict[str, ScoredLinear], keep: dict[str, torch.Tensor]) -> N
     """Prune every component not in `keep` (indices per matrix); gates turn hard."""
     for name, m in mods.items():
         mask = torch.zeros_like(m.mask)
-        mask[keep[name]] = 1
+        mask[keep[name].to(mask.device)] = 1
         m.mask.copy_(mask)
         m.hard = True

@@ -83,6 +83,9 @@ class Trainer:
             groups.append({"params": [p for k, p in self.trained.items() if not k.endswith(".score")],
                            "lr": s.scale_lr})
         self.engine = zero.engine(SoCoObjective(self.model), groups, s.zero_stage, micro_batch)
+        # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
+        # windows, the teacher, the schedule's and the averages' state stay on the host
+        self.device = self.engine.device
         # Adam's moments and step count, saved in every checkpoint: a resumed run takes the same
         # steps an uninterrupted one would (a checkpoint written before this existed has none:
         # then Adam starts afresh, as it used to)
@@ -131,13 +134,14 @@ class Trainer:
     def forward(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(KL to the teacher, soft parameter count) on the given windows."""
         # teacher row t and student logits at t both predict token t+1 of the window
-        return self.engine(self.windows[ids], self.teacher["logp"][ids], self.teacher["idx"][ids])
+        return self.engine(self.windows[ids].to(self.device), self.teacher["logp"][ids].to(self.device),
+                           self.teacher["idx"][ids].to(self.device))
 
     def all_mean(self, v: float) -> float:
         """The mean of a per-rank value over the ranks."""
         if self.world == 1:
             return v
-        t = torch.tensor([v], dtype=torch.float64)
+        t = torch.tensor([v], dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
         return float(t) / self.world
 
@@ -152,19 +156,19 @@ class Trainer:
         """Keep the most important components among those still alive, within keep_params."""
         with zero.gathered(self.score_params):  # the scores themselves are read only when pruning by |s|
             importance = pruning_importance(self.soco.prune_by, self.fisher,
-                                            {n: m.score for n, m in self.mods.items()},
-                                            {n: m.mask for n, m in self.mods.items()}, self.costs)
+                                            {n: m.score.detach().cpu() for n, m in self.mods.items()},
+                                            {n: m.mask.cpu() for n, m in self.mods.items()}, self.costs)
         apply_cut(self.mods, select_components(importance, self.costs, int(keep_params), self.job.min_ranks))
 
     def checkpoint(self, rel: str) -> None:
         """A score checkpoint of the current state (written by rank 0; every rank gathers)."""
         with zero.gathered(list(self.trained.values())):
-            values = {k: p.detach().clone() for k, p in self.trained.items()}
-        values.update({f"{n}.mask": m.mask.detach().clone() for n, m in self.mods.items()})
+            values = {k: p.detach().cpu().clone() for k, p in self.trained.items()}
+        values.update({f"{n}.mask": m.mask.detach().cpu().clone() for n, m in self.mods.items()})
         values.update(self.fisher.state())
         if self.average is not None:
             values.update(self.average.state())
-        values.update(zero.optimizer_state(self.engine, self.trained))
+        values.update({k: v.cpu() for k, v in zero.optimizer_state(self.engine, self.trained).items()})
         if self.rank == 0:
             save_scores(self.store, rel, values, self.schedule.state, self.curve)
 

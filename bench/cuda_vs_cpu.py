@@ -1,11 +1,13 @@
-"""The decompose stage on a GPU against the CPU: same factors, same perplexity.
+"""A run on a GPU against the same run on the CPU: same factors, same perplexity.
 
-On a machine with CUDA the decompose units run their SVDs there (in-process, or in a Ray
-task given a GPU). This runs one tiny model through the whole in-process pipeline twice, once
-with the GPU visible and once with CUDA_VISIBLE_DEVICES="" (CPU), and compares the factors
-layer by layer and the perplexities. Writes bench/results/cuda_decompose.json (or --out).
+On a machine with CUDA the decompose units run their SVDs there, and SoCo's learn stage
+runs its DeepSpeed ZeRO engine there (NCCL). This runs one tiny model through the whole
+in-process pipeline twice, once with the GPU visible and once with CUDA_VISIBLE_DEVICES=""
+(CPU, gloo), and compares the perplexities, the decompose factors layer by layer and, for
+`--method soco` (ZeRO stage 3 by default), the learned ranks, the held-out KL and the
+learn stage's time. Writes bench/results/cuda_vs_cpu-<method>.json (or into --out).
 
-    python bench/cuda_decompose.py [--out DIR]
+    python bench/cuda_vs_cpu.py [--method svd-llm|soco] [--zero-stage 2|3] [--out DIR]
 """
 from __future__ import annotations
 
@@ -41,23 +43,38 @@ def build(folder: Path) -> None:
     (folder / "text.txt").write_text(text)
 
 
-def child(folder: Path, out: Path) -> None:
+#: a short SoCo schedule for the tiny model (the same in both runs)
+SOCO_SHORT = {"lr": 0.05, "batch_size": 4, "holdout_samples": 4, "topk": 32, "eval_every": 5, "checkpoint_every": 10,
+              "launcher": "local", "schedule": {"refine_steps": 20, "sparsify_steps": 10, "sparsify_ramp": 5,
+                                                "coarse_max_steps": 40}}
+
+
+def child(folder: Path, out: Path, method: str, zero_stage: int) -> None:
     import torch
     from pipeline import compress
     from pipeline.config import from_dict
     t0 = time.perf_counter()
-    report = compress(from_dict({"model": str(folder / "model"), "output": str(out),
-                                 "data": {"source": str(folder / "text.txt"), "calib_samples": 32, "seq_len": 128,
-                                          "eval_samples": 8, "batch_size": 8},
-                                 "compress": {"method": "svd-llm", "ratio": 0.4}, "ray": {"enabled": False}}),
-                      progress=False)
+    cfg = {"model": str(folder / "model"), "output": str(out),
+           "data": {"source": str(folder / "text.txt"), "calib_samples": 32, "seq_len": 128,
+                    "eval_samples": 8, "batch_size": 8},
+           "compress": {"method": method, "ratio": 0.4}, "ray": {"enabled": False}}
+    if method == "soco":
+        cfg["soco"] = {**SOCO_SHORT, "zero_stage": zero_stage}
+    report = compress(from_dict(cfg), progress=False)
+    learn = json.loads((out / "learn.json").read_text()) if (out / "learn.json").exists() else None
     print("RESULT " + json.dumps({"cuda": torch.cuda.is_available(), "seconds": time.perf_counter() - t0,
-                                  "timings_s": report["timings_s"], "perplexity": report["perplexity"]}), flush=True)
+                                  "timings_s": report["timings_s"], "perplexity": report["perplexity"],
+                                  "learn": learn and {k: learn[k] for k in ("steps", "best_holdout_kl", "kept_params",
+                                                                            "budget_params", "train_seconds")},
+                                  "ranks": json.loads((out / "plan.json").read_text())["ranks"] if learn else None}),
+          flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--method", default="svd-llm", choices=["svd-llm", "soco"])
+    ap.add_argument("--zero-stage", type=int, default=3, choices=[2, 3], help="soco's DeepSpeed ZeRO stage")
     a = ap.parse_args()
     import torch
     from cluster.storage import Storage
@@ -66,8 +83,8 @@ def main() -> None:
     results = {}
     for name, visible in (("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "0")), ("cpu", "")):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=str(ROOT))
-        r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name)], env=env,
-                           capture_output=True, text=True)
+        r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name), a.method,
+                            str(a.zero_stage)], env=env, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             raise SystemExit(f"{name} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -89,14 +106,23 @@ def main() -> None:
            "gpu_run_saw_cuda": results["gpu"]["cuda"], "cpu_run_saw_cuda": results["cpu"]["cuda"],
            "decompose_s": {k: v["timings_s"]["decompose"] for k, v in results.items()},
            "perplexity": {k: v["perplexity"] for k, v in results.items()},
-           "max_rel_sigma_diff": worst["sigma"], "max_rel_factor_product_diff": worst["product"]}
+           "max_rel_sigma_diff": worst["sigma"], "max_rel_factor_product_diff": worst["product"],
+           "method": a.method}
+    if a.method == "soco":
+        g, c = results["gpu"], results["cpu"]
+        out |= {"zero_stage": a.zero_stage, "backend": {"gpu": "nccl" if g["cuda"] else "gloo", "cpu": "gloo"},
+                "learn_s": {k: v["timings_s"]["learn"] for k, v in results.items()},
+                "learn": {k: v["learn"] for k, v in results.items()},
+                "matrices_with_other_learned_rank": sum(g["ranks"][n] != c["ranks"][n] for n in c["ranks"]),
+                "matrices": len(c["ranks"]),
+                "max_learned_rank_diff": max(abs(g["ranks"][n] - c["ranks"][n]) for n in c["ranks"])}
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "cuda_decompose.json").write_text(json.dumps(out, indent=2))
+    (Path(a.out) / f"cuda_vs_cpu-{a.method}.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), Path(sys.argv[3]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     else:
         main()
