@@ -82,7 +82,7 @@ def main() -> None:
     build(tmp)
     results = {}
     for name, visible in (("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "0")), ("cpu", "")):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
         r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name), a.method,
                             str(a.zero_stage)], env=env, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]

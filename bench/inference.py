@@ -118,7 +118,7 @@ def random_dense(a: argparse.Namespace) -> str:
     from pipeline.model_io import ModelSource
     dest = Path(a.workdir) / "dense-random-weights"
     if not (dest / "config.json").exists():
-        src = ModelSource(a.model).location
+        src = a.model if Path(a.model).is_dir() else ModelSource(a.model).location  # a folder needs no weights
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
         tmp = dest.with_name(dest.name + ".tmp")

@@ -9,6 +9,7 @@
 # MODEL (default bundled:smollm2-135m) is the inference bench's model. Without its weights
 # (a GPU machine that cannot reach them), give a folder holding its config and tokenizer and set
 # RANDOM_WEIGHTS=1: the bench then times random weights of the same shapes (bench/inference.py).
+# SKIP="decompose ..." leaves steps out; T_INF, T_SOCO, T_INF16, T_DEC set their time limits.
 set -u
 OUT=${OUT:-bench/results/gpu}
 MODEL=${1:-bundled:smollm2-135m}
@@ -23,6 +24,7 @@ extra=()
 step() {  # name, time limit (s), command...
   local name=$1 limit=$2 start rc
   shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)" | tee -a "$LOG"; return;; esac
   start=$(date +%s)
   echo "== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
