@@ -1,21 +1,24 @@
 """Quality benchmark: perplexity of every method at several removal ratios, on the held-out
-half of the calibration text and on the held-out half of a second text of another kind.
+half of the calibration text and on the held-out halves of texts of other kinds.
 
 Every method and ratio goes through the real pipeline (`pipeline.compress`), one run folder
 per method (its ratios share that method's calibration pass; every method calibrates on the
 same samples) and is evaluated on the same held-out windows; each checkpoint is then also
-evaluated on the same windows of the second text (`--second-data`, default bundled:c4).
+evaluated on the same windows of each other text (`--other-data`, default the bundled c4, code,
+technical and multilingual texts: never used for calibration or for choosing settings).
 Writes bench/results/quality.{json,md} after every cell, and quality-allocation.png (MGAA's
 removal ratio per layer and sublayer beside SoCo's learned ones, when both were measured).
 
-    .venv/bin/python bench/quality.py                 # SmolLM2, wiki (+ c4), 0.2/0.4/0.6
+    .venv/bin/python bench/quality.py                 # SmolLM2, wiki (+ other texts), 0.2/0.4/0.6
     .venv/bin/python bench/quality.py --methods soco        # add/refresh only the soco rows
     .venv/bin/python bench/quality.py --methods soco --ratios 0.6   # refresh one cell
+    .venv/bin/python bench/quality.py --fill-other    # other texts of the kept checkpoints that lack them
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,13 +29,34 @@ from pipeline.config import from_dict
 ALLOCATED = ("svd-llm+mgaa", "soco", "soco+mgaa", "lorap")
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the bundled texts other than the calibration text (wiki) that every checkpoint is evaluated on
+OTHER_TEXTS = ("bundled:c4", "bundled:code", "bundled:technical", "bundled:multilingual")
+
+
+def upgrade(old: dict) -> dict:
+    """Results written before several other texts existed held one `second_data` text as
+    `ppl_second` / `dense_ppl_second`: the same figures under `ppl_other[text]`."""
+    text = old.pop("second_data", None)
+    if text is None:
+        return old
+    dense = old.pop("dense_ppl_second", None)
+    old["dense_ppl_other"] = {text: dense} if dense is not None else {}
+    for by in old.get("rows", {}).values():
+        for row in by.values():
+            if "ppl_second" in row:
+                row.setdefault("ppl_other", {})[text] = row.pop("ppl_second")
+    return old
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bundled:smollm2-135m")
     ap.add_argument("--data", default="bundled:wiki")
-    ap.add_argument("--second-data", default="bundled:c4", help="second held-out text, of another kind")
+    ap.add_argument("--other-data", nargs="+", default=list(OTHER_TEXTS),
+                    help="held-out texts of other kinds (never used for calibration)")
+    ap.add_argument("--fill-other", action="store_true",
+                    help="instead of compressing: evaluate the kept checkpoints (and the dense model) on the "
+                         "--other-data texts their rows lack")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm", "soco"])
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -53,12 +77,12 @@ def main() -> None:
         return zero_shot_table(a)
 
     res = Path(a.results)
-    old = json.loads(res.with_suffix(".json").read_text()) if res.with_suffix(".json").exists() else {}
+    old = upgrade(json.loads(res.with_suffix(".json").read_text())) if res.with_suffix(".json").exists() else {}
     # rows of (method, ratio) pairs not re-run are kept (json turns the ratio keys into strings)
     rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()
                                               if not (m in a.methods and float(r) in a.ratios)}
                                           for m, by in old.get("rows", {}).items()}
-    dense, dense_second = old.get("dense_ppl"), old.get("dense_ppl_second")
+    dense, dense_other = old.get("dense_ppl"), dict(old.get("dense_ppl_other", {}))
     t0 = time.time()
 
     def write() -> str:
@@ -71,9 +95,10 @@ def main() -> None:
                     f"svd, asvd, svd-llm: every decoder linear at uniform rank k = floor((1-r)mn/(m+n)); +mgaa, lorap "
                     f"and soco allocate as their method says (docs/architecture.md); factorisation in float64, "
                     f"model in float32; calibration activations from the dense model{launch}")
-        protocol += (f"; second text `{a.second_data}`: the first {a.eval_samples} windows of {a.seq_len} tokens of "
-                     "its second half, the same for every method (never used for calibration)")
-        out = {"protocol": protocol, "dense_ppl": dense, "dense_ppl_second": dense_second, "second_data": a.second_data,
+        protocol += (f"; other texts ({', '.join(f'`{t}`' for t in a.other_data)}): the first {a.eval_samples} "
+                     f"windows of {a.seq_len} tokens of each one's second half, the same for every method (never used "
+                     "for calibration or for choosing settings)")
+        out = {"protocol": protocol, "dense_ppl": dense, "dense_ppl_other": dense_other, "other_data": a.other_data,
                "rows": rows, "wall_s": round(time.time() - t0, 1),
                "last_invocation": {"methods": a.methods, "ratios": a.ratios}}
         res.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +112,25 @@ def main() -> None:
     from pipeline.data import load_windows
     from pipeline.model_io import ModelSource
     from pipeline.stages.evaluate import perplexity
-    second = load_windows(a.second_data, "text", ModelSource(a.model).tokenizer(), 1, a.seq_len, a.eval_samples).eval
+    tokenizer = ModelSource(a.model).tokenizer()
+    other = {t: load_windows(t, "text", tokenizer, 1, a.seq_len, a.eval_samples).eval for t in a.other_data}
 
-    def second_ppl(location: str, compressed: bool) -> float:
-        return perplexity(LocalExecutor(), location, compressed, "float32", second, 8, progress=False)
+    def other_ppl(location: str, compressed: bool, done: dict[str, float]) -> dict[str, float]:
+        """`done` with the perplexity on each other text it lacks."""
+        return done | {t: perplexity(LocalExecutor(), location, compressed, "float32", w, 8, progress=False)
+                       for t, w in other.items() if t not in done}
 
-    if dense_second is None:
-        dense_second = second_ppl(a.model, False)
+    dense_other = other_ppl(a.model, False, dense_other)
+    if a.fill_other:
+        for method, by in rows.items():
+            for ratio, row in by.items():
+                ckpt = Path(a.workdir) / method / "checkpoints" / f"r{ratio}"
+                if ckpt.exists() and any(t not in row.get("ppl_other", {}) for t in a.other_data):
+                    row["ppl_other"] = other_ppl(str(ckpt), True, row.get("ppl_other", {}))
+                    print(f"{method:12s} r={ratio}: {row['ppl_other']}", flush=True)
+                    write()
+        print(write())
+        return
     for ratio in a.ratios:
         for method in a.methods:
             workdir = Path(a.workdir) / method
@@ -110,7 +147,7 @@ def main() -> None:
                 dense = r["perplexity"]["dense"]
             rows.setdefault(method, {})[ratio] = {
                 "ppl": r["perplexity"]["compressed"], "achieved_ratio": r["achieved_ratio"]["linear"],
-                "ppl_second": second_ppl(str(workdir / "checkpoints" / f"r{ratio}"), True),
+                "ppl_other": other_ppl(str(workdir / "checkpoints" / f"r{ratio}"), True, {}),
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
                 "seconds": {k: v for k, v in r["timings_s"].items()}}
             if method in ("soco", "soco+mgaa"):
@@ -118,7 +155,7 @@ def main() -> None:
             if method in ALLOCATED:
                 rows[method][ratio]["sublayer_ratios"] = removed_per_sublayer(workdir, method)
             print(f"{method:12s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}, "
-                  f"{a.second_data} {rows[method][ratio]['ppl_second']:.4g}", flush=True)
+                  + ", ".join(f"{t} {v:.4g}" for t, v in rows[method][ratio]["ppl_other"].items()), flush=True)
             write()
     print(write())
 
@@ -256,20 +293,32 @@ def fmt(x: float) -> str:
     return f"{x:.1f}" if x < 1e4 else f"{x:.2e}"
 
 
+def log_damage_ratio(ppl: float | None, base: float | None, dense: float | None) -> float | None:
+    """log(ppl/dense) / log(ppl_base/dense): the share of the baseline's damage left (log space)."""
+    if None in (ppl, base, dense) or base <= dense:
+        return None
+    return math.log(ppl / dense) / math.log(base / dense)
+
+
 def render(out: dict, ratios: list[float]) -> str:
     lines = [f"Protocol: {out['protocol']}.", ""]
-    second = out.get("second_data", "second text")
-    for key, title, dense in (("ppl", "wiki ppl (held-out half)", out["dense_ppl"]),
-                              ("ppl_second", f"{second} ppl (held-out half)", out.get("dense_ppl_second"))):
-        best = {r: min((by[r][key] for by in out["rows"].values() if r in by and key in by[r]), default=None)
-                for r in ratios}
+    texts = [("ppl", None, "wiki ppl (held-out half)", out["dense_ppl"])]
+    texts += [("ppl_other", t, f"{t} ppl (held-out half)", out.get("dense_ppl_other", {}).get(t))
+              for t in out.get("other_data", [])]
+
+    def value(row: dict, key: str, text: str | None) -> float | None:
+        return row.get(key) if text is None else row.get(key, {}).get(text)
+
+    for key, text, title, dense in texts:
+        best = {r: min((v for by in out["rows"].values() if r in by
+                        for v in [value(by[r], key, text)] if v is not None), default=None) for r in ratios}
         lines += ["| " + title + " | " + " | ".join(f"r={r}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios),
                   "| dense | " + " | ".join(fmt(dense) if dense else "-" for _ in ratios) + " |"]
         for method, by_ratio in out["rows"].items():
             cells = []
             for r in ratios:
-                v = by_ratio.get(r, {}).get(key)
+                v = value(by_ratio.get(r, {}), key, text)
                 cells.append("-" if v is None else (f"**{fmt(v)}**" if v == best[r] else fmt(v)))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -278,6 +327,17 @@ def render(out: dict, ratios: list[float]) -> str:
     for method, by_ratio in out["rows"].items():
         lines.append(f"| {method} | " + " | ".join(
             f"{by_ratio[r]['achieved_ratio']:.5f}" if r in by_ratio else "-" for r in ratios) + " |")
+    base = out["rows"].get("svd-llm", {})
+    learned = [m for m in ("soco", "soco+mgaa") if m in out["rows"]]
+    if base and learned:
+        lines += ["", "| log(ppl/dense) / log(ppl_svd-llm/dense) | " + " | ".join(f"r={r}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for method in learned:
+            for key, text, _, dense in texts:
+                cells = [log_damage_ratio(value(out["rows"][method].get(r, {}), key, text),
+                                          value(base.get(r, {}), key, text), dense) for r in ratios]
+                lines.append(f"| {method}, {text or 'wiki'} | "
+                             + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     soco = out["rows"].get("soco")
     if soco:
         lines += ["", "| soco | " + " | ".join(f"r={r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
@@ -288,12 +348,6 @@ def render(out: dict, ratios: list[float]) -> str:
                  else str(soco[r]["learn"][key])) if r in soco else "-" for r in ratios) + " |")
         lines.append("| achieved ratio, counted on the checkpoint's tensors | " + " | ".join(
             f"{soco[r]['achieved_ratio']:.5f}" if r in soco else "-" for r in ratios) + " |")
-        if "svd-llm" in out["rows"]:
-            import math as _m
-            d = out["dense_ppl"]
-            lines.append("| log(ppl_soco/dense) / log(ppl_svd-llm/dense) | " + " | ".join(
-                f"{_m.log(soco[r]['ppl'] / d) / _m.log(out['rows']['svd-llm'][r]['ppl'] / d):.3f}"
-                if r in soco and r in out["rows"]["svd-llm"] else "-" for r in ratios) + " |")
     any_method = next(iter(out["rows"].values()))
     last = out.get("last_invocation")
     invocation = (f"methods {', '.join(last['methods'])} at {', '.join(map(str, last['ratios']))}"
