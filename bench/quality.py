@@ -80,7 +80,7 @@ def main() -> None:
     old = upgrade(json.loads(res.with_suffix(".json").read_text())) if res.with_suffix(".json").exists() else {}
     # rows of (method, ratio) pairs not re-run are kept (json turns the ratio keys into strings)
     rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()
-                                              if not (m in a.methods and float(r) in a.ratios)}
+                                              if a.fill_other or not (m in a.methods and float(r) in a.ratios)}
                                           for m, by in old.get("rows", {}).items()}
     dense, dense_other = old.get("dense_ppl"), dict(old.get("dense_ppl_other", {}))
     t0 = time.time()
