@@ -13,6 +13,7 @@ removal ratio per layer and sublayer beside SoCo's learned ones, when both were 
     .venv/bin/python bench/quality.py --methods soco        # add/refresh only the soco rows
     .venv/bin/python bench/quality.py --methods soco --ratios 0.6   # refresh one cell
     .venv/bin/python bench/quality.py --fill-other    # other texts of the kept checkpoints that lack them
+    .venv/bin/python bench/quality.py --methods soco --ratios 0.4 --set soco.seed=1   # an ablation / seed row
 """
 from __future__ import annotations
 
@@ -67,12 +68,18 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="run the other stages in this process, not as Ray tasks")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "quality-run"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config value for every run of this invocation (repeatable): its rows are named "
+                         "'<method> [KEY=VALUE, ...]' (or --label) and sit beside the plain method's")
+    ap.add_argument("--label", help="the row name of this invocation's runs (one method)")
     ap.add_argument("--zero-shot", metavar="TASKS",
                     help="instead of compressing: zero-shot accuracy (lm-eval, validation splits) of the dense model "
                          "and of every kept checkpoint of --methods at --ratios, e.g. piqa,hellaswag,winogrande,"
                          "arc_easy,arc_challenge,openbookqa,boolq")
     ap.add_argument("--zero-shot-limit", type=int, default=100, help="first N documents of each task (0 = all)")
     a = ap.parse_args()
+    if a.label and len(a.methods) != 1:
+        ap.error("--label names the rows of one method")
     if a.zero_shot:
         return zero_shot_table(a)
 
@@ -80,7 +87,8 @@ def main() -> None:
     old = upgrade(json.loads(res.with_suffix(".json").read_text())) if res.with_suffix(".json").exists() else {}
     # rows of (method, ratio) pairs not re-run are kept (json turns the ratio keys into strings)
     rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()
-                                              if a.fill_other or not (m in a.methods and float(r) in a.ratios)}
+                                              if a.fill_other or not (m in map(lambda x: row_name(a, x), a.methods)
+                                                                      and float(r) in a.ratios)}
                                           for m, by in old.get("rows", {}).items()}
     dense, dense_other = old.get("dense_ppl"), dict(old.get("dense_ppl_other", {}))
     t0 = time.time()
@@ -124,38 +132,43 @@ def main() -> None:
     if a.fill_other:
         for method, by in rows.items():
             for ratio, row in by.items():
-                ckpt = Path(a.workdir) / method / "checkpoints" / f"r{ratio}"
+                ckpt = run_dir(a, method) / "checkpoints" / f"r{ratio}"
                 if ckpt.exists() and any(t not in row.get("ppl_other", {}) for t in a.other_data):
                     row["ppl_other"] = other_ppl(str(ckpt), True, row.get("ppl_other", {}))
                     print(f"{method:12s} r={ratio}: {row['ppl_other']}", flush=True)
                     write()
         print(write())
         return
+    from pipeline.config import apply_overrides
     for ratio in a.ratios:
         for method in a.methods:
-            workdir = Path(a.workdir) / method
-            cfg = from_dict({"model": a.model, "output": str(workdir),
-                             "data": {"source": a.data, "calib_samples": a.calib_samples, "seq_len": a.seq_len,
-                                      "eval_samples": a.eval_samples},
-                             "compress": {"method": method, "ratio": ratio},
-                             "soco": {"launcher": a.launcher},
-                             "ray": {"enabled": not a.no_ray},
-                             "run": {"eval_dense": dense is None}})
-            r = compress(cfg, progress=False)
+            name = row_name(a, method)
+            workdir = run_dir(a, name)
+            cfg = from_dict(apply_overrides(
+                {"model": a.model, "output": str(workdir),
+                 "data": {"source": a.data, "calib_samples": a.calib_samples, "seq_len": a.seq_len,
+                          "eval_samples": a.eval_samples},
+                 "compress": {"method": method, "ratio": ratio},
+                 "soco": {"launcher": a.launcher},
+                 "ray": {"enabled": not a.no_ray},
+                 "run": {"eval_dense": dense is None}}, a.overrides))
+            # a variant adopts the plain method's committed stages that it shares (its calibration)
+            donor = Path(a.workdir) / method
+            r = compress(cfg, progress=False, reuse_from=[str(donor)] if name != method and donor.exists() else [])
             keep_checkpoint(workdir, ratio)
             if dense is None:
                 dense = r["perplexity"]["dense"]
-            rows.setdefault(method, {})[ratio] = {
+            rows.setdefault(name, {})[ratio] = {"method": method, "overrides": a.overrides,
                 "ppl": r["perplexity"]["compressed"], "achieved_ratio": r["achieved_ratio"]["linear"],
                 "ppl_other": other_ppl(str(workdir / "checkpoints" / f"r{ratio}"), True, {}),
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
                 "seconds": {k: v for k, v in r["timings_s"].items()}}
             if method in ("soco", "soco+mgaa"):
-                rows[method][ratio]["learn"] = soco_evidence(workdir, Path(a.results).parent, ratio, method)
-            if method in ALLOCATED:
-                rows[method][ratio]["sublayer_ratios"] = removed_per_sublayer(workdir, method)
-            print(f"{method:12s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}, "
-                  + ", ".join(f"{t} {v:.4g}" for t, v in rows[method][ratio]["ppl_other"].items()), flush=True)
+                rows[name][ratio]["learn"] = soco_evidence(workdir, Path(a.results).parent, ratio, name)
+            if name in ALLOCATED:
+                rows[name][ratio]["sublayer_ratios"] = removed_per_sublayer(workdir, method)
+            print(f"{name:12s} r={ratio}: ppl {r['perplexity']['compressed']:.4g}, "
+                  + ", ".join(f"{t} {v:.4g}" for t, v in rows[name][ratio]["ppl_other"].items()), flush=True)
             write()
     print(write())
 
@@ -178,9 +191,9 @@ def zero_shot_table(a: argparse.Namespace) -> None:
     models = {"dense": (lambda: load_dense(a.model, "float32"))}
     for method in a.methods:
         for ratio in a.ratios:
-            ckpt = Path(a.workdir) / method / "checkpoints" / f"r{ratio}"
+            ckpt = run_dir(a, row_name(a, method)) / "checkpoints" / f"r{ratio}"
             if ckpt.exists():
-                models[f"{method} r={ratio}"] = (lambda c=ckpt: load_compressed(str(c), "float32"))
+                models[f"{row_name(a, method)} r={ratio}"] = (lambda c=ckpt: load_compressed(str(c), "float32"))
             else:
                 print(f"{method} r={ratio}: no kept checkpoint at {ckpt}: skipped", flush=True)
     for name, load in models.items():
@@ -214,6 +227,18 @@ def render_zero_shot(out: dict) -> str:
               + f". The standard error of one accuracy is up to {se:.1f} points with {min(counts.values())} "
               "documents: smaller differences are noise."]
     return "\n".join(lines) + "\n"
+
+
+def row_name(a: argparse.Namespace, method: str) -> str:
+    """The table row of a method's runs in this invocation: the method, or its variant."""
+    if a.label:
+        return a.label
+    return f"{method} [{', '.join(a.overrides)}]" if a.overrides else method
+
+
+def run_dir(a: argparse.Namespace, name: str) -> Path:
+    """The run folder of a table row."""
+    return Path(a.workdir) / name.replace(" ", "")
 
 
 def keep_checkpoint(run: Path, ratio: float) -> Path:
@@ -280,13 +305,13 @@ def soco_evidence(run: Path, results: Path, ratio: float, method: str = "soco") 
     """Steps, wall time and out-of-order share of a SoCo run; its plots are copied beside the table."""
     import shutil
     learn = json.loads((run / "learn.json").read_text())
-    dest = results / f"{method.replace('+', '-')}-r{ratio}"
+    dest = results / f"{''.join(c if c.isalnum() or c in '.=-' else '-' for c in method).strip('-')}-r{ratio}"
     dest.mkdir(parents=True, exist_ok=True)
     for png in (run / "plots").glob("*.png"):
         shutil.copy(png, dest / png.name)
     return {k: learn.get(k) for k in ("steps", "stage_boundaries", "frozen_at", "best_step", "best_holdout_kl",
                                       "train_seconds", "out_of_order_share", "matrices_with_zero_out_of_order",
-                                      "budget_params", "kept_params")}
+                                      "budget_params", "kept_params", "step_costs")}
 
 
 def fmt(x: float) -> str:
@@ -328,7 +353,7 @@ def render(out: dict, ratios: list[float]) -> str:
         lines.append(f"| {method} | " + " | ".join(
             f"{by_ratio[r]['achieved_ratio']:.5f}" if r in by_ratio else "-" for r in ratios) + " |")
     base = out["rows"].get("svd-llm", {})
-    learned = [m for m in ("soco", "soco+mgaa") if m in out["rows"]]
+    learned = [m for m, by in out["rows"].items() if any("learn" in v for v in by.values())]
     if base and learned:
         lines += ["", "| log(ppl/dense) / log(ppl_svd-llm/dense) | " + " | ".join(f"r={r}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
@@ -336,18 +361,28 @@ def render(out: dict, ratios: list[float]) -> str:
             for key, text, _, dense in texts:
                 cells = [log_damage_ratio(value(out["rows"][method].get(r, {}), key, text),
                                           value(base.get(r, {}), key, text), dense) for r in ratios]
-                lines.append(f"| {method}, {text or 'wiki'} | "
-                             + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-    soco = out["rows"].get("soco")
-    if soco:
-        lines += ["", "| soco | " + " | ".join(f"r={r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        for key, label in [("steps", "training steps"), ("train_seconds", "learn stage wall time (s)"),
-                           ("out_of_order_share", "kept components with a smaller sigma than a pruned one")]:
-            lines.append(f"| {label} | " + " | ".join(
-                (f"{soco[r]['learn'][key]:.3f}" if isinstance(soco[r]['learn'][key], float) and key != "train_seconds"
-                 else str(soco[r]["learn"][key])) if r in soco else "-" for r in ratios) + " |")
-        lines.append("| achieved ratio, counted on the checkpoint's tensors | " + " | ".join(
-            f"{soco[r]['achieved_ratio']:.5f}" if r in soco else "-" for r in ratios) + " |")
+                if any(c is not None for c in cells):
+                    lines.append(f"| {method}, {text or 'wiki'} | "
+                                 + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    for method in learned:
+        by = out["rows"][method]
+
+        def cell(r: float, get) -> str:
+            try:
+                return get(by[r]["learn"])
+            except (KeyError, TypeError):
+                return "-"
+
+        lines += ["", f"| {method} | " + " | ".join(f"r={r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        lines.append("| training steps | " + " | ".join(cell(r, lambda L: str(L["steps"])) for r in ratios) + " |")
+        lines.append("| learn stage wall time (s) | " + " | ".join(
+            cell(r, lambda L: f"{L['train_seconds']:.0f}") for r in ratios) + " |")
+        for stage in ("coarse", "refine", "sparsify"):
+            lines.append(f"| {stage}: mean step (s) / scored-matrix MACs per token (M) | " + " | ".join(
+                cell(r, lambda L: f"{L['step_costs'][stage]['mean_step_s']:.2f} / "
+                                  f"{L['step_costs'][stage]['mean_active_params'] / 1e6:.1f}") for r in ratios) + " |")
+        lines.append("| kept components with a smaller sigma than a pruned one | " + " | ".join(
+            cell(r, lambda L: f"{L['out_of_order_share']:.3f}") for r in ratios) + " |")
     any_method = next(iter(out["rows"].values()))
     last = out.get("last_invocation")
     invocation = (f"methods {', '.join(last['methods'])} at {', '.join(map(str, last['ratios']))}"

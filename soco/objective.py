@@ -37,10 +37,11 @@ def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class SoCoObjective(nn.Module):
-    """Wraps the scored model so that one forward returns (KL, soft parameter count).
+    """Wraps the scored model so that one forward returns (KL, soft parameter count, mean
+    deviation of the scored matrices from their unscaled spectrum).
 
-    The soft count is summed from what each ScoredLinear recorded during its own forward,
-    because under ZeRO-3 a module's parameters exist only while that module runs.
+    The count and the deviation are summed from what each ScoredLinear recorded during its
+    own forward, because under ZeRO-3 a module's parameters exist only while that module runs.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -49,9 +50,10 @@ class SoCoObjective(nn.Module):
         self._scored = [m for m in model.modules() if isinstance(m, ScoredLinear)]
 
     def forward(self, input_ids: torch.Tensor, teacher_logp: torch.Tensor,
-                teacher_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                teacher_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         # the teacher predicts the token after each position, as the student's logits do
         kl = topk_kl(logits, teacher_logp, teacher_idx)
         soft = torch.stack([m.last_soft_count for m in self._scored]).sum()
-        return kl, soft
+        deviation = torch.stack([m.last_deviation for m in self._scored]).mean()
+        return kl, soft, deviation

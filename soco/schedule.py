@@ -54,6 +54,7 @@ class ScheduleConfig:
     sparsify_steps: int = 100  # cap: the hard network's training usually stops earlier, on the held-out KL
     sparsify_ramp: int = 40  # steps of gradual pruning down to the budget; the rest train the hard network
     patience: int = 2  # held-out evaluations without improvement that end refinement, and the hard training
+    deviation_weight: float = 0.0  # rho: weight of the scores' deviation from the unscaled spectrum, from refinement on
 
 
 @dataclass
@@ -117,6 +118,14 @@ class ThreeStageSchedule:
         else:
             sparsity = soft.new_zeros(())
         return budget, sparsity
+
+    def regulariser(self, deviation: torch.Tensor) -> torch.Tensor:
+        """rho * the scored matrices' mean deviation from their unscaled spectrum
+        (ScoredLinear.deviation), from refinement on: the coarse stage must be free to push
+        scores to 0, and the fits that overfit the few calibration windows come after it."""
+        if self.stage == Stage.COARSE or self.cfg.deviation_weight == 0:
+            return deviation.new_zeros(())
+        return self.cfg.deviation_weight * deviation
 
     def _switch(self, to: Stage) -> None:
         self.state.stage = to

@@ -36,7 +36,10 @@ class ScoredLinear(nn.Module):
     channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on.
 
     `mask` (a buffer) marks the components pruned (0): they contribute exactly nothing.
-    Once pruning starts the gates are hard (the mask itself), so the count is exact.
+    Once pruning starts the gates are hard (the mask itself), so the count is exact, and the
+    pruned components leave the computation: forward multiplies only the kept columns of U
+    and rows of Vt (`kept`), so a step costs what the kept components cost, not what the
+    candidates did.
     """
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -53,9 +56,13 @@ class ScoredLinear(nn.Module):
         self.in_scale = nn.Parameter(torch.ones(self.in_features, dtype=U.dtype), requires_grad=False)
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
+        # indices of the unpruned components once a cut is made (None: all of them); not saved,
+        # it follows from the mask
+        self.register_buffer("kept", None, persistent=False)
         self.hard = False  # True once pruning has started (apply_cut): gates are the mask
         self.gate_power = 1.0  # exponent of the soft gate (soft_gate), set from soco.gate_power
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
+        self.last_deviation: torch.Tensor | None = None  # likewise (deviation())
 
     @property
     def cost(self) -> int:
@@ -66,6 +73,19 @@ class ScoredLinear(nn.Module):
         """The share of each component's cost that is paid: min(1, |s|)^p, or 0/1 after the cut."""
         return self.mask if self.hard else soft_gate(self.score, self.gate_power) * self.mask
 
+    def deviation(self) -> torch.Tensor:
+        """How far the kept components' scaled spectrum is from the unscaled one, relative to
+        the candidates' energy: sum_i mask_i sigma_i^2 (s_i - 1)^2 / sum_i sigma_i^2.
+
+        In the whitened coordinates U and V are orthonormal, so this is the squared change the
+        scores make to the matrix's whitened output (its error against the unscaled
+        truncation, which is the best fit to the calibration activations), over that output's
+        size. The penalty on it (soco.schedule.deviation_weight) is regularisation toward the
+        svd-llm solution: the scores leave it only where the distillation loss pays for it.
+        """
+        energy = self.sigma.detach() ** 2
+        return (self.mask * energy * (self.score - 1.0) ** 2).sum() / energy.sum().clamp_min(1e-30)
+
     def multiplier(self) -> torch.Tensor:
         """Effective weight of each component: s * sigma, 0 for the pruned ones."""
         return self.score * self.sigma * self.mask
@@ -73,9 +93,14 @@ class ScoredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
-        h = torch.nn.functional.linear(x * self.in_scale, self.Vt)
-        h = h * self.multiplier()
-        y = torch.nn.functional.linear(h, self.U) * self.out_scale
+        self.last_deviation = self.deviation()
+        if self.kept is None:
+            U, Vt, multiplier = self.U, self.Vt, self.multiplier()
+        else:  # the pruned components are left out, not multiplied by 0 (their mask)
+            U, Vt, multiplier = self.U[:, self.kept], self.Vt[self.kept], (self.score * self.sigma)[self.kept]
+        h = torch.nn.functional.linear(x * self.in_scale, Vt)
+        h = h * multiplier
+        y = torch.nn.functional.linear(h, U) * self.out_scale
         return y if self.bias is None else y + self.bias
 
     def folded(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +145,17 @@ def exact_count(model: nn.Module) -> int:
 
 
 def apply_cut(mods: dict[str, ScoredLinear], keep: dict[str, torch.Tensor]) -> None:
-    """Prune every component not in `keep` (indices per matrix); gates turn hard."""
+    """Prune every component not in `keep` (indices per matrix): gates turn hard, and the
+    pruned components leave the forward's computation."""
     for name, m in mods.items():
         mask = torch.zeros_like(m.mask)
         mask[keep[name].to(mask.device)] = 1
         m.mask.copy_(mask)
+        m.kept = torch.nonzero(mask > 0).flatten()
         m.hard = True
+
+
+def active_params(mods: dict[str, ScoredLinear]) -> int:
+    """Parameters of the components the forward computes with (all candidates before a cut):
+    the multiply-adds per token of the scored matrices."""
+    return sum((m.rank if m.kept is None else int(m.kept.numel())) * m.cost for m in mods.values())

@@ -9,7 +9,7 @@ from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, apply_cut, exact_count, fold, scored_modules, soft_count
+from soco.scores import ScoredLinear, active_params, apply_cut, exact_count, fold, scored_modules, soft_count
 
 
 def _tiny_scored_model(tiny_llama):
@@ -33,7 +33,7 @@ def test_gradients_reach_only_the_scores(tiny_llama):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         logp, idx = teacher_topk(torch.randn(2, 12, model.config.vocab_size), 8)
-    kl, soft = SoCoObjective(model)(ids, logp, idx)
+    kl, soft, _ = SoCoObjective(model)(ids, logp, idx)
     (kl + soft / 1e4).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(n.endswith(".score") for n in with_grad)
@@ -78,6 +78,42 @@ def test_folding_scores_gives_the_scored_models_logits(tiny_llama):
     assert torch.allclose(scored, folded, atol=1e-4, rtol=1e-4)
 
 
+def test_removing_pruned_components_changes_no_logit_nor_gradient(tiny_llama):
+    """After a cut the forward computes with the kept components only: the same logits and
+    score gradients as multiplying the pruned ones by their mask of 0 (up to the rounding of
+    a shorter sum), at the kept components' cost."""
+    model = _tiny_scored_model(tiny_llama)
+    mods = scored_modules(model)
+    g = torch.Generator().manual_seed(2)
+    for m in mods.values():
+        with torch.no_grad():
+            m.score.copy_(torch.rand(m.rank, generator=g) * 2.0)
+    keep = {n: torch.nonzero(m.score.detach() >= 0.8).flatten() for n, m in mods.items()}
+    candidates = active_params(mods)
+    apply_cut(mods, keep)
+    assert active_params(mods) == exact_count(model) == sum(len(keep[n]) * m.cost for n, m in mods.items())
+    assert active_params(mods) < 0.75 * candidates
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=g)
+    logp, idx = teacher_topk(torch.randn(2, 10, model.config.vocab_size, generator=g), 8)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for m in mods.values():
+            m.score.grad = None
+        kl, _, _ = SoCoObjective(model)(ids, logp, idx)
+        kl.backward()
+        return model(ids).logits.detach(), {n: m.score.grad.clone() for n, m in mods.items()}
+
+    removed, removed_grads = run()
+    for m in mods.values():
+        m.kept = None  # the same cut, computed by masking
+    masked, masked_grads = run()
+    assert torch.allclose(removed, masked, rtol=1e-5, atol=1e-5)
+    assert float((removed - masked).abs().max()) < 1e-4 * float(masked.abs().max())
+    for n, m in mods.items():
+        assert torch.allclose(removed_grads[n], masked_grads[n], rtol=1e-4, atol=1e-6)
+        assert not removed_grads[n][m.mask == 0].any()  # pruned: no gradient
+
+
 def test_fold_keeps_the_components_with_sigma_a_magnitude():
     """The fold behind the learned files: U' diag(sigma') Vt' is the kept part of
     out * U diag(s sigma) Vt * in, sigma' >= 0 (a negative score flips its column of U'), and
@@ -94,6 +130,33 @@ def test_fold_keeps_the_components_with_sigma_a_magnitude():
     assert torch.equal(Uk[:, 1], -out_s * U[:, 1])  # score -0.7: the sign moved into U
     plain, ones = fold(U, sigma, Vt, score, keep), fold(U, sigma, Vt, score, keep, torch.ones(7), torch.ones(6))
     assert all(torch.equal(a, b) for a, b in zip(plain, ones))
+
+
+def test_deviation_is_the_relative_change_of_the_matrix_and_is_paid_after_the_coarse_stage():
+    """With orthonormal factors (as in the whitened coordinates) the deviation is the squared
+    Frobenius change the scores make, over the unscaled matrix's; pruned components do not count."""
+    g = torch.Generator().manual_seed(3)
+    f = svd_factors(torch.randn(12, 9, generator=g, dtype=torch.float64))
+    m = ScoredLinear(f.U, f.sigma, f.Vt)
+    assert float(m.deviation()) == 0.0  # scores start at 1: the unscaled spectrum
+    with torch.no_grad():
+        m.score.copy_(torch.rand(m.rank, generator=g, dtype=torch.float64) * 2)
+    unscaled = f.U @ torch.diag(f.sigma) @ f.Vt
+    scaled = f.U @ torch.diag(m.score.detach() * f.sigma) @ f.Vt
+    assert float(m.deviation()) == pytest.approx(float((scaled - unscaled).norm() ** 2 / unscaled.norm() ** 2))
+    apply_cut({"m": m}, {"m": torch.arange(4)})
+    dev = m.deviation()
+    expected = (f.sigma[:4] ** 2 * (m.score.detach()[:4] - 1) ** 2).sum() / (f.sigma ** 2).sum()
+    assert float(dev) == pytest.approx(float(expected))
+    dev.backward()
+    assert not m.score.grad[4:].any() and m.score.grad[:4].any()
+    sched = ThreeStageSchedule(ScheduleConfig(deviation_weight=0.5))
+    assert float(sched.regulariser(torch.tensor(2.0))) == 0.0  # coarse stage: free to prune
+    sched.state.stage = Stage.REFINE
+    assert float(sched.regulariser(torch.tensor(2.0))) == 1.0
+    sched.state.stage = Stage.SPARSIFY
+    assert float(sched.regulariser(torch.tensor(2.0))) == 1.0
+    assert float(ThreeStageSchedule(ScheduleConfig(), sched.state).regulariser(torch.tensor(2.0))) == 0.0  # off
 
 
 def test_schedule_switching_rules():

@@ -50,6 +50,12 @@ def test_soco_end_to_end_keeps_exact_budget(tmp_path, tiny_llama, text_file):
     assert t == state.best_step - learn["frozen_at"] + 1
     for n in ranks:
         assert torch.allclose(saved[f"{n}.score"], saved[f"{n}.score.avg"] / (1 - 0.9 ** t))
+    # each step's time and the parameters it computed with: after the cut, the kept ones only
+    costs = learn["step_costs"]
+    assert set(costs) == {"coarse", "refine", "sparsify"} and all(c["mean_step_s"] > 0 for c in costs.values())
+    assert costs["sparsify"]["mean_active_params"] < costs["refine"]["mean_active_params"]
+    assert [e["active_params"] for e in curve if e["step"] >= learn["frozen_at"]] == \
+        [learn["kept_params"]] * sum(e["step"] >= learn["frozen_at"] for e in curve)
     for png in ("training_curve.png", "scores.png", "ranks.png"):
         assert (run / "plots" / png).stat().st_size > 1000
     assert report["perplexity"]["compressed"] > 1

@@ -60,6 +60,9 @@ class SocoConfig:
             raise UserError(f"soco.fisher_decay must be in [0, 1), got {self.fisher_decay}")
         if not 0.0 <= self.average_decay < 1.0:
             raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {self.average_decay}")
+        for key in ("budget_weight", "sparsity_weight", "deviation_weight"):
+            if getattr(self.schedule, key) < 0:
+                raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")
         if not 0.0 < self.gate_power <= 1.0:
             raise UserError(f"soco.gate_power must be in (0, 1], got {self.gate_power}")
         if self.launcher not in ("ray", "local"):

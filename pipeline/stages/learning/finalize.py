@@ -61,6 +61,21 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
     return shares
 
 
+STAGE_NAMES = {1: "coarse", 2: "refine", 3: "sparsify"}
+
+
+def step_costs(curve: list[dict]) -> dict[str, dict[str, float]]:
+    """Per stage: the mean time of a step and the mean parameters it computed with (the
+    scored matrices' multiply-adds per token), from the curve's entries that record them."""
+    out = {}
+    for stage, name in STAGE_NAMES.items():
+        entries = [e for e in curve if e.get("stage") == stage and "step_s" in e]
+        if entries:
+            out[name] = {"steps": len(entries), "mean_step_s": round(sum(e["step_s"] for e in entries) / len(entries), 3),
+                         "mean_active_params": round(sum(e["active_params"] for e in entries) / len(entries))}
+    return out
+
+
 def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float, train_s: float,
              layers_name: str, n_layers: int, prune_by: str = "fisher") -> dict[str, Any]:
     """Global selection under the exact budget, folding, learned/ files, plan.json, learn.json, plots."""
@@ -77,6 +92,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
         "best_holdout_kl": state.frozen_best if state.best_step > 0 else None,
         "out_of_order_share": sum(shares[n] * final_ranks[n] for n in shares) / max(1, sum(final_ranks.values())),
         "out_of_order_share_per_matrix": shares, "matrices_with_zero_out_of_order": sum(v == 0 for v in shares.values()),
+        "step_costs": step_costs(curve),
     }
     store.write_json("learn.json", summary)
     store.write_json(FINAL_PLAN, Plan("soco", ratio, final_ranks, plan.shapes).to_json())

@@ -21,7 +21,7 @@ from soco.averaging import IterateAverage
 from soco.importance import FisherImportance, pruning_importance
 from soco.objective import SoCoObjective
 from soco.schedule import Stage, ThreeStageSchedule
-from soco.scores import apply_cut, scored_modules
+from soco.scores import active_params, apply_cut, scored_modules
 
 from ...model_io import ModelSource
 from ..calibrate import WINDOWS_FILE
@@ -131,8 +131,8 @@ class Trainer:
                 self.trained[k].copy_(v)
         return previous
 
-    def forward(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(KL to the teacher, soft parameter count) on the given windows."""
+    def forward(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(KL to the teacher, soft parameter count, deviation from the unscaled spectrum) on the given windows."""
         # teacher row t and student logits at t both predict token t+1 of the window
         return self.engine(self.windows[ids].to(self.device), self.teacher["logp"][ids].to(self.device),
                            self.teacher["idx"][ids].to(self.device))
@@ -176,7 +176,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimisation step (pruning first while the ramp runs); its curve entry."""
         s, sched, target = self.soco, self.schedule, self.job.target
-        step = sched.state.step
+        step, t_step = sched.state.step, time.perf_counter()
         keep_params = sched.prune_target(self.candidates, target)
         if keep_params is not None:  # gradual pruning; the ramp's last step cuts to the budget
             self.prune(keep_params)
@@ -184,9 +184,9 @@ class Trainer:
         for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
-        kl, soft = self.forward([self.train_ids[i] for i in ids])
+        kl, soft, deviation = self.forward([self.train_ids[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
-        self.engine.backward(kl + budget + sparsity)
+        self.engine.backward(kl + budget + sparsity + sched.regulariser(deviation))
         self.record_importance()
         self.engine.step()
         soft_v = float(soft.detach())  # once pruning starts: exactly the kept parameters
@@ -198,6 +198,8 @@ class Trainer:
                 self.average.update(self.trained)
         return {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
                 "budget": float(budget.detach()),
+                # the step's own time against the multiply-adds per token of the scored matrices it computed
+                "step_s": round(time.perf_counter() - t_step, 3), "active_params": active_params(self.mods),
                 "seconds": round(time.perf_counter() - self.t0, 2)}
 
     def evaluation_due(self, step: int) -> bool:
