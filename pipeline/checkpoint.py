@@ -228,6 +228,17 @@ def remote_code(config) -> str:
 
 
 # --------------------------------------------------------------------------- loading
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return DTYPE_MAP[str(dtype).replace("torch.", "")] if not isinstance(dtype, torch.dtype) else dtype
+
+
+def _assign(source: ModelSource, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The shards of `source` assigned into a meta skeleton; tied weights tied."""
+    materialise(model, model, "", source, dtype)
+    model.tie_weights()
+    return model
+
+
 def load_compressed(path: str, dtype: str | torch.dtype | None = None,
                     storage_options: dict[str, Any] | None = None, verify: bool = True) -> nn.Module:
     """Load a soco checkpoint (local folder or fsspec URL) as a ready-to-run model; every
@@ -240,11 +251,8 @@ def load_compressed(path: str, dtype: str | torch.dtype | None = None,
         raise UserError(f"{path} is not a soco checkpoint (config.json has no soco entry)")
     if dtype is None:
         dtype = getattr(source.config, "dtype", None) or getattr(source.config, "torch_dtype", None) or "float32"
-    dt = DTYPE_MAP[str(dtype).replace("torch.", "")] if not isinstance(dtype, torch.dtype) else dtype
-    model = compressed_skeleton(source.config, dt)
-    materialise(model, model, "", source, dt)
-    model.tie_weights()
-    return model
+    dt = _resolve_dtype(dtype)
+    return _assign(source, compressed_skeleton(source.config, dt), dt)
 
 
 def load_dense(path: str, dtype: str | torch.dtype = "float32",
@@ -252,11 +260,8 @@ def load_dense(path: str, dtype: str | torch.dtype = "float32",
     """The dense model at `path` (local folder, fsspec URL or bundled:NAME), built the way
     `load_compressed` builds a checkpoint: meta skeleton, then the shards assigned."""
     source = ModelSource(path, storage_options)
-    dt = DTYPE_MAP[str(dtype).replace("torch.", "")] if not isinstance(dtype, torch.dtype) else dtype
-    model = build_skeleton(source.config, dt)
-    materialise(model, model, "", source, dt)
-    model.tie_weights()
-    return model
+    dt = _resolve_dtype(dtype)
+    return _assign(source, build_skeleton(source.config, dt), dt)
 
 
 __all__ = ["load_compressed", "load_dense", "compressed_skeleton", "shard_plan", "write_shard", "soco_entry"]

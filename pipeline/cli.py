@@ -15,7 +15,7 @@ from cluster.errors import Busy
 
 from . import __version__
 from .errors import UserError
-from .exits import EXIT, ran_stages, result_line, status_counts
+from .exits import EXIT, ran_stages, result_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,15 +73,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import load_sweep, run_sweep, sweep_status
+    from .sweep import load_sweep, run_and_report
     sweep = load_sweep(args.sweep, args.overrides)
     print(f"soco sweep: {len(sweep.runs)} runs under {sweep.root} "
           f"({sum(r.leader for r in sweep.runs)} calibrations)", file=sys.stderr, flush=True)
-    rows = run_sweep(sweep, progress=not args.quiet, force=args.force)
-    status = sweep_status(rows)
-    print(f"results: {sweep.root}/results.md, results.parquet", flush=True)
-    _result(status, root=sweep.root, runs=status_counts(rows))
-    return EXIT[status]
+    return run_and_report(sweep, progress=not args.quiet, force=args.force)
 
 
 def _result(status: str, **fields) -> None:

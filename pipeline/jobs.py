@@ -24,8 +24,7 @@ from cluster.ray_runtime import project_runtime_env
 
 from .errors import UserError
 from .model_io import worker_location
-from .exits import EXIT, result_line, status_counts
-from .sweep import from_payload, load_sweep, run_sweep, sweep_status, to_payload
+from .sweep import from_payload, load_sweep, run_and_report, to_payload
 
 JOB_COMMANDS = ("submit", "status", "logs")
 
@@ -147,10 +146,7 @@ def _sweep_main(payload: str) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sweep = from_payload(decode(payload))
     print(f"soco sweep job: {len(sweep.runs)} runs under {sweep.root}", flush=True)
-    rows = run_sweep(sweep, progress=False)
-    status = sweep_status(rows)
-    print(result_line(status, root=sweep.root, runs=status_counts(rows)), flush=True)
-    return EXIT[status]
+    return run_and_report(sweep, progress=False)
 
 
 if __name__ == "__main__":

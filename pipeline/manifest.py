@@ -64,10 +64,12 @@ class Manifest:
         self.save()
         return time.perf_counter()
 
-    def finish(self, stage: str, t0: float, outputs: Sequence[str] = ()) -> None:
-        """Commit the stage: its time, and the checksum of every file of its `outputs`."""
+    def finish(self, stage: str, t0: float, outputs: Sequence[str] = (), known: dict[str, str] | None = None) -> None:
+        """Commit the stage: its time, and the checksum of every file of its `outputs` (taken
+        from `known` for the files whose checksum the stage computed as it wrote them)."""
         seconds = round(time.perf_counter() - t0, 3)
-        files = {rel: self.store.sha256(rel) for out in outputs for rel in self.store.files(out)}
+        known = known or {}
+        files = {rel: known.get(rel) or self.store.sha256(rel) for out in outputs for rel in self.store.files(out)}
         self.stages[stage].update(status="done", seconds=seconds, files=files)
         self.save()
 

@@ -192,7 +192,7 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
                                progress, resume=resume)
             t0 = man.start(stage.name)
             run_stage(stage, ctx)
-            man.finish(stage.name, t0, stage.outputs)
+            man.finish(stage.name, t0, stage.outputs, ctx.checksums)
         report = store.read_json(EVALUATION)
         report["timings_s"] = {"load": round(load_s, 3)} | {
             s.name: 0.0 if s.name in resumed else man.stages[s.name]["seconds"] for s in stages}

@@ -48,7 +48,7 @@ from cluster.storage import Storage
 
 from .config import apply_overrides, from_dict, read_yaml_mapping
 from .errors import UserError
-from .exits import ran_stages
+from .exits import EXIT, ran_stages, result_line, status_counts
 from .model_io import worker_location
 
 KEYS = ("root", "base", "models", "methods", "ratios", "grid", "set", "parallel", "cpus_per_run")
@@ -339,3 +339,13 @@ def sweep_status(rows: list[dict[str, Any]]) -> str:
         if status in statuses:
             return status
     return "nothing_to_do"
+
+
+def run_and_report(sweep: Sweep, progress: bool = True, force: bool = False) -> int:
+    """Run the sweep, then print where its results are and the closing JSON line (the same
+    for `soco sweep` and a submitted sweep job); returns the exit code."""
+    rows = run_sweep(sweep, progress=progress, force=force)
+    status = sweep_status(rows)
+    print(f"results: {sweep.root}/results.md, results.parquet", flush=True)
+    print(result_line(status, root=sweep.root, runs=status_counts(rows)), flush=True)
+    return EXIT[status]

@@ -215,6 +215,33 @@ def test_zeroed_bytes_in_a_checkpoint_shard_are_caught_by_eval_and_the_loader(ca
     load_compressed(str(ckpt), verify=False)
 
 
+def test_checkpoint_shards_are_hashed_once_and_committed_with_that_checksum(capsys, tmp_path, tiny_llama, text_file,
+                                                                            monkeypatch):
+    """assemble hashes each shard as it writes it; the manifest commits those checksums
+    instead of reading the checkpoint a second time, and they are the files' own."""
+    import hashlib
+
+    from cluster.storage import Storage
+    hashed: list[str] = []
+    real = Storage.sha256
+
+    def counting(self, rel):
+        hashed.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(Storage, "sha256", counting)
+    cfg = _config(tmp_path, tiny_llama, text_file, run={"threads": 1, "shard_size_mb": 0.05})
+    assert _cli(capsys, ["compress", str(cfg), "--quiet"])[0] == 0
+    ckpt = tmp_path / "out" / "checkpoint"
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]["soco_sha256"]
+    assert len(index) > 1
+    committed = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]["assemble"]["files"]
+    for name, digest in index.items():
+        assert [r for r in hashed if r.endswith(name)] == [name]  # once, by the shard's writer
+        assert committed[f"checkpoint/{name}"] == digest == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    assert committed["checkpoint/config.json"] == hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest()
+
+
 def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny_llama, text_file):
     cfg = _config(tmp_path, tiny_llama, text_file)
     assert _cli(capsys, ["compress", str(cfg), "--quiet"])[0] == 0

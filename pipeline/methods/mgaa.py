@@ -36,7 +36,6 @@ from ..errors import UserError
 from ..plan import Plan, decoder_linears, uniform_plan
 from ..stages.calibrate import InputStats
 from ..stages.decompose import Evidence
-from .base import Method
 from .registry import register
 from .soco import Soco
 from .uniform import Uniform

@@ -63,6 +63,9 @@ class Assemble(Stage):
             for name, (kind, spec) in specs.items():  # each kind's modules under its own key
                 entry.setdefault(KINDS[kind].entry_key, {})[name] = spec
             write_metadata(out, ctx.source, entry, ctx.dtype, shards, total, checksums)
+            # the shards were hashed as they were written (the index records them): the
+            # manifest takes these rather than reading the checkpoint again
+            ctx.checksums.update({f"{CHECKPOINT}/{n}": c for n, c in zip(shard_names(len(shards)), checksums)})
             if staging is not None:
                 store.put_dir(staging, CHECKPOINT)
                 staging = None

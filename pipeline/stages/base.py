@@ -15,7 +15,7 @@ them, is skipped; a damaged or missing file makes it run again.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,6 +47,9 @@ class StageContext:
     progress: bool = True
     resume: bool = False  # the stage was interrupted with the same inputs: go on from its checkpoints
     report: dict[str, Any] | None = None  # what the evaluate stage measured
+    # SHA-256 of output files (relative to the run folder) that the stage computed as it wrote
+    # them: the manifest commits these instead of reading the files again
+    checksums: dict[str, str] = field(default_factory=dict)
 
     @property
     def dtype_name(self) -> str:
