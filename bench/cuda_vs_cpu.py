@@ -81,8 +81,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="soco-cuda-"))
     build(tmp)
     results = {}
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     for name, visible in (("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "0")), ("cpu", "")):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=path)  # the project first, then the rest
         r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name), a.method,
                             str(a.zero_stage)], env=env, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
