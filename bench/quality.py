@@ -86,9 +86,9 @@ def main() -> None:
     res = Path(a.results)
     old = upgrade(json.loads(res.with_suffix(".json").read_text())) if res.with_suffix(".json").exists() else {}
     # rows of (method, ratio) pairs not re-run are kept (json turns the ratio keys into strings)
+    rerun = set() if a.fill_other else {row_name(a, m) for m in a.methods}
     rows: dict[str, dict[float, dict]] = {m: {float(r): v for r, v in by.items()
-                                              if a.fill_other or not (m in map(lambda x: row_name(a, x), a.methods)
-                                                                      and float(r) in a.ratios)}
+                                              if not (m in rerun and float(r) in a.ratios)}
                                           for m, by in old.get("rows", {}).items()}
     dense, dense_other = old.get("dense_ppl"), dict(old.get("dense_ppl_other", {}))
     t0 = time.time()
