@@ -85,13 +85,12 @@ def measure(location: str, compressed: bool, device: str, dtype: str, repeats: i
     return out
 
 
-def checkpoints(a: argparse.Namespace) -> dict[float, str]:
+def checkpoints(a: argparse.Namespace, model: str) -> dict[float, str]:
     """{ratio: checkpoint folder}, made with the pipeline (kept between invocations)."""
     from pipeline import compress
     from pipeline.config import from_dict
     work = Path(a.workdir)
     out = {}
-    model = random_dense(a) if a.random_weights else a.model
     for ratio in a.ratios:
         dest = work / f"{a.method}-r{ratio}"
         if not (dest / "model.safetensors.index.json").exists():
@@ -174,9 +173,9 @@ def main() -> None:
     import torch
 
     from pipeline.model_io import ModelSource
-    made = checkpoints(a)
-    models = {"dense": (random_dense(a) if a.random_weights else ModelSource(a.model).location, False)}
-    models |= {f"{a.method} r={r}": (p, True) for r, p in made.items()}
+    model = random_dense(a) if a.random_weights else a.model  # the name the quality bench's calibration was made with
+    models = {"dense": (ModelSource(model).location, False)}
+    models |= {f"{a.method} r={r}": (p, True) for r, p in checkpoints(a, model).items()}
     res = {"device": a.device if a.device == "cpu" else torch.cuda.get_device_name(0),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": torch.get_num_threads(),
            "prompt": a.prompt, "new_tokens": a.new_tokens, "repeats": a.repeats, "method": a.method,

@@ -97,7 +97,6 @@ class Trainer:
                   file=sys.stderr, flush=True)
         self.base_lrs = [g["lr"] for g in groups]
         self.score_params = [m.score for m in self.mods.values()]
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
