@@ -93,8 +93,19 @@ def main() -> None:
     dense, dense_other = old.get("dense_ppl"), dict(old.get("dense_ppl_other", {}))
     t0 = time.time()
 
+    made: set[tuple[str, float]] = set()  # the cells this invocation measured
+
     def write() -> str:
-        """Write the results so far (after every cell: an interrupted run keeps what it measured)."""
+        """Write the results so far (after every cell: an interrupted run keeps what it measured).
+
+        The file is read again first and only this invocation's cells replace its rows, so
+        invocations running side by side (a seed beside an ablation) keep each other's cells."""
+        if res.with_suffix(".json").exists():
+            current = upgrade(json.loads(res.with_suffix(".json").read_text())).get("rows", {})
+            for m, by in current.items():
+                for r, v in by.items():
+                    if (m, float(r)) not in made and not (m in rerun and float(r) in a.ratios):
+                        rows.setdefault(m, {})[float(r)] = v
         launch = (f"; soco's learn stage: DeepSpeed ZeRO-3, one rank, "
                   f"{'Ray Train TorchTrainer' if a.launcher == 'ray' else 'in-process'}" if any(m.startswith("soco") for m in a.methods) else "")
         protocol = (f"model `{a.model}`, text `{a.data}` tokenised whole and split in halves; calibration = "
@@ -135,6 +146,7 @@ def main() -> None:
                 ckpt = run_dir(a, method) / "checkpoints" / f"r{ratio}"
                 if ckpt.exists() and any(t not in row.get("ppl_other", {}) for t in a.other_data):
                     row["ppl_other"] = other_ppl(str(ckpt), True, row.get("ppl_other", {}))
+                    made.add((method, ratio))
                     print(f"{method:12s} r={ratio}: {row['ppl_other']}", flush=True)
                     write()
         print(write())
@@ -163,6 +175,7 @@ def main() -> None:
                 "ppl_other": other_ppl(str(workdir / "checkpoints" / f"r{ratio}"), True, {}),
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
                 "seconds": {k: v for k, v in r["timings_s"].items()}}
+            made.add((name, ratio))
             if method in ("soco", "soco+mgaa"):
                 rows[name][ratio]["learn"] = soco_evidence(workdir, Path(a.results).parent, ratio, name)
             if name in ALLOCATED:

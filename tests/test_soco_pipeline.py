@@ -73,6 +73,29 @@ def test_zero2_prunes_by_fisher_like_zero3(tmp_path, tiny_llama, text_file):
     assert all(float(v.sum()) > 0 for k, v in saved.items() if k.endswith(".fisher"))
 
 
+def test_factor_lr_trains_u_and_the_checkpoint_holds_it(tmp_path, tiny_llama, text_file):
+    """soco.factor_lr trains every matrix's U with the scores: the final scores file holds the
+    trained U, it moved away from svd-llm's, and the learned factors fold exactly that U."""
+    from cluster.storage import Storage
+    from pipeline.stages.decompose import load_layer_factors
+    from pipeline.stages.learn import load_layer_learned
+    from soco.scores import fold
+    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3), progress=False)
+    assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
+    store = Storage(str(tmp_path / "run"))
+    saved, _, _ = _final_scores(tmp_path / "run")
+    name = "model.layers.0.self_attn.q_proj"
+    factors = load_layer_factors(store, 0)["self_attn.q_proj"]
+    assert saved[f"{name}.U"].shape == factors["U"].shape
+    assert not torch.allclose(saved[f"{name}.U"], factors["U"].to(saved[f"{name}.U"].dtype))
+    keep = torch.nonzero(saved[f"{name}.mask"] > 0).flatten()
+    U, sigma, Vt = fold(saved[f"{name}.U"], factors["sigma"].to(torch.float32), factors["Vt"].to(torch.float32),
+                        saved[f"{name}.score"], keep)
+    learned = load_layer_learned(store, 0)["self_attn.q_proj"]
+    assert torch.allclose(learned["U"].float() @ torch.diag(learned["sigma"].float()) @ learned["Vt"].float(),
+                          U @ torch.diag(sigma) @ Vt, atol=1e-5)
+
+
 def _final_scores(run):
     from cluster.storage import Storage
     from pipeline.stages.learning.scored_model import FINAL_SCORES, load_scores

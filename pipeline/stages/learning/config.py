@@ -26,13 +26,17 @@ class SocoConfig:
     gate_power: float = 1.0  # soft gate min(1,|s|)^p of the parameter count: 1 = L1-like, < 1 = closer to L0
     channel_scales: bool = False  # also train a scale per input and output channel of each matrix
     scale_lr: float = 0.01  # Adam learning rate of the channel scales
+    # Adam learning rate of every matrix's output factor U (its components' output directions),
+    # trained with the scores by the same distillation: a correction beyond the diagonal that the
+    # stored format already holds (U is stored anyway). 0 = U stays frozen (svd-llm's).
+    factor_lr: float = 0.0
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
     max_steps: int = 300  # hard cap over all three stages
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # stages, caps, patience, weights
     eval_every: int = 5  # steps between held-out KL evaluations
-    checkpoint_every: int = 20  # steps between score checkpoints
+    checkpoint_every: int = field(default=20, metadata=EXECUTION_ONLY)  # steps between score checkpoints
     prune_by: str = "fisher"  # sparsification prunes the least important per parameter: fisher | score (|s|)
     fisher_decay: float = 0.9  # EMA decay of the Fisher importance estimate (soco/importance.py)
     average_decay: float = 0.9  # EMA of the pruned network's scores, evaluated and saved (soco/averaging.py); 0 = off
@@ -60,6 +64,8 @@ class SocoConfig:
             raise UserError(f"soco.fisher_decay must be in [0, 1), got {self.fisher_decay}")
         if not 0.0 <= self.average_decay < 1.0:
             raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {self.average_decay}")
+        if isinstance(self.factor_lr, bool) or not isinstance(self.factor_lr, (int, float)) or self.factor_lr < 0:
+            raise UserError(f"soco.factor_lr must be a number of at least 0 (0 = U frozen), got {self.factor_lr!r}")
         for key in ("budget_weight", "sparsity_weight", "deviation_weight"):
             if getattr(self.schedule, key) < 0:
                 raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")

@@ -46,7 +46,7 @@ def final_keep(saved: dict[str, torch.Tensor], state: ScheduleState, plan: Plan,
 def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
                   layers_name: str, n_layers: int) -> dict[str, float]:
     """learned/ files: each layer's kept components with s * sigma and the channel scales folded
-    in (hard-on components exactly as trained). Returns each matrix's out-of-order share."""
+    in, U as trained when soco.factor_lr trained it (hard-on components exactly as trained). Returns each matrix's out-of-order share."""
     shares = {}
     for i in range(n_layers):
         out = {}
@@ -54,7 +54,7 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
             full = f"{layers_name}.{i}.{name}"
             k = keep[full]
             out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = fold(
-                f["U"], f["sigma"], f["Vt"], saved[f"{full}.score"], k,
+                saved.get(f"{full}.U", f["U"]), f["sigma"], f["Vt"], saved[f"{full}.score"], k,
                 saved.get(f"{full}.in_scale"), saved.get(f"{full}.out_scale"))
             shares[full] = out_of_order_share(f["sigma"], k)
         store.save_tensors(learned_file(i), out, {"method": "soco"})

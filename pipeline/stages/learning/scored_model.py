@@ -1,7 +1,7 @@
 """The scored model (every planned linear a ScoredLinear over its factors) and its score checkpoints.
 
 A score checkpoint (scores/*.safetensors) holds the trained tensors as `<module>.score`
-(and `.in_scale`/`.out_scale` with channel scales), `<module>.mask`, the Fisher importance
+(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it), `<module>.mask`, the Fisher importance
 and the iterate average (soco/importance.py, soco/averaging.py), with the schedule state and
 the training curve as JSON metadata (`state`, `curve`).
 """
@@ -25,7 +25,7 @@ from ..decompose import load_layer_factors
 
 FINAL_SCORES = "scores/final.safetensors"
 BEST_SCORES = "scores/best.safetensors"
-TRAINED_PARTS = ("score", "in_scale", "out_scale")
+TRAINED_PARTS = ("score", "in_scale", "out_scale", "U")
 
 
 def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
@@ -60,9 +60,10 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
     return model
 
 
-def trained_tensors(mods: dict[str, ScoredLinear], scales: bool) -> dict[str, nn.Parameter]:
-    """The trainable tensors of the scored modules by checkpoint name."""
-    parts = TRAINED_PARTS if scales else TRAINED_PARTS[:1]
+def trained_tensors(mods: dict[str, ScoredLinear], scales: bool, factors: bool = False) -> dict[str, nn.Parameter]:
+    """The trainable tensors of the scored modules by checkpoint name: the scores, with
+    `scales` the channel scales, with `factors` the output factors U."""
+    parts = ("score",) + (("in_scale", "out_scale") if scales else ()) + (("U",) if factors else ())
     return {f"{n}.{p}": getattr(m, p) for n, m in mods.items() for p in parts}
 
 

@@ -68,7 +68,7 @@ class Trainer:
             m.gate_power = s.gate_power
         state, self.curve = None, []
         ckpt = latest_checkpoint(self.store) if job.resume else None
-        self.trained = trained_tensors(self.mods, s.channel_scales)
+        self.trained = trained_tensors(self.mods, s.channel_scales, factors=s.factor_lr > 0)
         for p in self.trained.values():
             p.requires_grad_(True)
         saved: dict[str, torch.Tensor] = {}
@@ -80,8 +80,10 @@ class Trainer:
         self.schedule = ThreeStageSchedule(s.schedule, state)
         groups = [{"params": [p for k, p in self.trained.items() if k.endswith(".score")], "lr": s.lr}]
         if s.channel_scales:
-            groups.append({"params": [p for k, p in self.trained.items() if not k.endswith(".score")],
+            groups.append({"params": [p for k, p in self.trained.items() if k.endswith("_scale")],
                            "lr": s.scale_lr})
+        if s.factor_lr > 0:
+            groups.append({"params": [p for k, p in self.trained.items() if k.endswith(".U")], "lr": s.factor_lr})
         self.engine = zero.engine(SoCoObjective(self.model), groups, s.zero_stage, micro_batch)
         # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
         # windows, the teacher, the schedule's and the averages' state stay on the host

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Rows of the quality bench (bench/quality.py) on a GPU machine: decompose and SoCo's learn
+# stage run on the GPU (ZeRO-3 over NCCL), calibrate and evaluate on its CPUs. Each row is one
+# quality.py invocation, with its own time limit, so that a slow one costs only its own row;
+# they start from this checkout's bench/results/quality.json (its dense and baseline figures)
+# and write theirs to $OUT/quality.{json,md} as each finishes. Run from the repository root:
+#     OUT=/tmp/out T_ROW=150 bash scripts/gpu_quality.sh "--set soco.seed=1" "--set soco.factor_lr=1e-4" ...
+# Each argument is the options of one row beyond `--methods soco --ratios 0.4` (give --ratios
+# inside it to change that). The bundled model must be importable (scripts/gpu_bundle.sh).
+set -u
+OUT=${OUT:-bench/results/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/gpu_quality.log"
+cp bench/results/quality.json "$OUT/quality.json"
+{ nvidia-smi -L; "$PY" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"; } >>"$LOG" 2>&1
+for row in "$@"; do
+  start=$(date +%s)
+  echo "== $row" | tee -a "$LOG"
+  # shellcheck disable=SC2086  # a row is a list of options
+  timeout "${T_ROW:-200}" "$PY" bench/quality.py --methods soco --ratios 0.4 --no-ray --launcher local \
+    --workdir /tmp/soco-quality --results "$OUT/quality" $row >>"$LOG" 2>&1
+  echo "== exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
+  grep -E "r=0\.[0-9]: ppl" "$LOG" | tail -n 1
+done
