@@ -338,6 +338,47 @@ def log_damage_ratio(ppl: float | None, base: float | None, dense: float | None)
     return math.log(ppl / dense) / math.log(base / dense)
 
 
+def seed_of(overrides: list[str]) -> tuple[int, tuple[str, ...]]:
+    """(the soco.seed an override list sets, 0 by default; the other overrides)."""
+    seed, rest = 0, []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "soco.seed":
+            seed = int(value)
+        else:
+            rest.append(o)
+    return seed, tuple(sorted(rest))
+
+
+def seed_spread(out: dict, texts: list, ratios: list[float]) -> list[str]:
+    """Lines of a table per configuration run with several seeds (rows whose overrides differ
+    only in soco.seed): the log-damage ratio per text as mean (min - max) over the seeds, so
+    that a difference between rows can be read against the run-to-run spread."""
+    base = out["rows"].get("svd-llm", {})
+    groups: dict[tuple, list[str]] = {}
+    for name, by in out["rows"].items():
+        for r, row in by.items():
+            if "learn" in row:
+                seed, rest = seed_of(row.get("overrides", []))
+                groups.setdefault((row.get("method", name), rest, r), []).append(name)
+    lines = []
+    for (method, rest, r), names in groups.items():
+        if len(names) < 2 or not base.get(r):
+            continue
+        label = f"{method}{' [' + ', '.join(rest) + ']' if rest else ''} at r={r}, {len(names)} seeds"
+        lines += ["", f"| {label}: mean (min - max) | ppl | log-damage ratio |", "|---|---|---|"]
+        for key, text, _, dense in texts:
+            ppls = [v for n in names for v in [(out["rows"][n][r].get(key) if text is None
+                                                else out["rows"][n][r].get(key, {}).get(text))] if v is not None]
+            b = base[r].get(key) if text is None else base[r].get(key, {}).get(text)
+            ratios_ = [log_damage_ratio(v, b, dense) for v in ppls]
+            if len(ppls) < 2 or None in ratios_:
+                continue
+            lines.append(f"| {text or 'wiki'} | {sum(ppls) / len(ppls):.1f} ({min(ppls):.1f} - {max(ppls):.1f}) | "
+                         f"{sum(ratios_) / len(ratios_):.3f} ({min(ratios_):.3f} - {max(ratios_):.3f}) |")
+    return lines
+
+
 def render(out: dict, ratios: list[float]) -> str:
     lines = [f"Protocol: {out['protocol']}.", ""]
     texts = [("ppl", None, "wiki ppl (held-out half)", out["dense_ppl"])]
@@ -396,6 +437,7 @@ def render(out: dict, ratios: list[float]) -> str:
                                   f"{L['step_costs'][stage]['mean_active_params'] / 1e6:.1f}") for r in ratios) + " |")
         lines.append("| kept components with a smaller sigma than a pruned one | " + " | ".join(
             cell(r, lambda L: f"{L['out_of_order_share']:.3f}") for r in ratios) + " |")
+    lines += seed_spread(out, texts, ratios)
     any_method = next(iter(out["rows"].values()))
     last = out.get("last_invocation")
     invocation = (f"methods {', '.join(last['methods'])} at {', '.join(map(str, last['ratios']))}"

@@ -15,7 +15,7 @@ from cluster.errors import Busy
 
 from . import __version__
 from .errors import UserError
-from .exits import EXIT, ran_stages, result_line
+from .exits import EXIT, result_line, run_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,8 +64,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cfg.ray.address = args.address
     report = compress(cfg, progress=not args.quiet, force=args.force)
     print_summary(report, cfg.output)
-    ran = ran_stages(report)
-    status = "done" if ran else "nothing_to_do"
+    status, ran = run_status(report)
     _result(status, output=cfg.output, ran_stages=ran, resumed_stages=report["resumed_stages"],
             perplexity=report["perplexity"], achieved_ratio=report["achieved_ratio"]["linear"],
             seconds=round(sum(report["timings_s"].values()), 1))

@@ -21,3 +21,10 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 def ran_stages(report: dict[str, Any]) -> list[str]:
     """The stages a run's report says actually ran (not resumed): none means nothing to do."""
     return [s for s in report["timings_s"] if s != "load" and s not in report["resumed_stages"]]
+
+
+def run_status(report: dict[str, Any]) -> tuple[str, list[str]]:
+    """(the outcome of a finished run, the stages it ran): `done`, or `nothing_to_do` when
+    every stage was already committed."""
+    ran = ran_stages(report)
+    return ("done" if ran else "nothing_to_do"), ran

@@ -48,7 +48,7 @@ from cluster.storage import Storage
 
 from .config import apply_overrides, from_dict, read_yaml_mapping
 from .errors import UserError
-from .exits import EXIT, ran_stages, result_line, status_counts
+from .exits import EXIT, result_line, run_status, status_counts
 from .model_io import worker_location
 
 KEYS = ("root", "base", "models", "methods", "ratios", "grid", "set", "parallel", "cpus_per_run")
@@ -187,10 +187,10 @@ def _outcome(config: dict[str, Any], donors: list[str], force: bool) -> dict[str
         return {"status": "bad_input", "error": str(e)}
     except Exception as e:  # noqa: BLE001 - reported in the sweep's table and exit code
         return {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    ran = ran_stages(report)
+    status, ran = run_status(report)
     zs = (report.get("zero_shot") or {}).get("compressed") or {}
     accs = [r.get("acc_norm", r.get("acc")) for r in zs.values()]
-    return {"status": "done" if ran else "nothing_to_do", "ran_stages": ran,
+    return {"status": status, "ran_stages": ran,
             "zero_shot_mean": sum(accs) / len(accs) if accs else None,
             "adopted_stages": sorted(report.get("adopted_stages", {})),
             "ppl": report["perplexity"]["compressed"], "dense_ppl": report["perplexity"].get("dense"),
