@@ -10,8 +10,17 @@ which is 1 for every component whose score is at least 1 (so kept components can
 above 1 to compensate for pruned ones without costing more) and falls to 0 at s = 0
 (linearly for the default p = 1). Once the cut is made (`apply_cut`) the gates are hard: 1 for the kept components,
 0 for the pruned ones, so the count is exactly what will be saved.
+
+With `gate = "hard_concrete"` (soco.gate) the gate is separate from the score's magnitude:
+each component has a hard-concrete gate z in [0, 1] (Louizos et al., "Learning Sparse Neural
+Networks through L0 Regularization", 2018) with a trained log alpha, sampled at every
+training step, and pays P(z > 0) of its cost: the expected count of the components that are
+on, paid per whole component however the score scales it. The matrix is
+U diag(s * z * sigma) Vt; held-out evaluations and the fold use z's deterministic value.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -31,9 +40,41 @@ def soft_gate(s: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     return g if power == 1.0 else g.clamp(min=1e-6) ** power
 
 
+#: hard-concrete stretch interval (GAMMA, ZETA) and temperature BETA, the paper's values
+HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
+#: initial log alpha: a gate open with probability 0.99 (z = 1 at 80% of the samples)
+HC_INIT = 3.0
+GATES = ("magnitude", "hard_concrete")
+
+
+def hard_concrete_open(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z > 0) of hard-concrete gates: the expected share of each component's cost paid."""
+    return torch.sigmoid(log_alpha - HC_BETA * math.log(-HC_GAMMA / HC_ZETA))
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Gates z = clamp(sigmoid((logit u + log alpha) / BETA) (ZETA - GAMMA) + GAMMA, 0, 1) for
+    uniform noise u: exactly 0 or 1 with positive probability, differentiable in between."""
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / HC_BETA)
+    return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+
+
+def hard_concrete_mean(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The gates' deterministic value (the paper's test-time estimate), used for held-out
+    evaluation and folded into the saved factors."""
+    return (torch.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+
+
+def effective_score(score: torch.Tensor, log_alpha: torch.Tensor | None) -> torch.Tensor:
+    """What multiplies sigma in the saved matrix: s, times the gate's deterministic value
+    when the gates are hard-concrete (`log_alpha` given)."""
+    return score if log_alpha is None else score * hard_concrete_mean(log_alpha)
+
+
 class ScoredLinear(nn.Module):
     """y = out * (((in * x) Vt^T) * (s * sigma * mask)) U^T (+ b); `score` trains, and the
-    channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on.
+    channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on
+    (s times the hard-concrete gates' z with `gate = "hard_concrete"`; `log_alpha` trains).
 
     `mask` (a buffer) marks the components pruned (0): they contribute exactly nothing.
     Once pruning starts the gates are hard (the mask itself), so the count is exact, and the
@@ -55,12 +96,15 @@ class ScoredLinear(nn.Module):
         # only when enabled): they fold into V' and U, so the stored format does not change.
         self.in_scale = nn.Parameter(torch.ones(self.in_features, dtype=U.dtype), requires_grad=False)
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
+        # hard-concrete gates' log alpha (trained only with soco.gate = hard_concrete)
+        self.log_alpha = nn.Parameter(torch.full((self.rank,), HC_INIT, dtype=U.dtype), requires_grad=False)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
         # indices of the unpruned components once a cut is made (None: all of them); not saved,
         # it follows from the mask
         self.register_buffer("kept", None, persistent=False)
         self.hard = False  # True once pruning has started (apply_cut): gates are the mask
         self.gate_power = 1.0  # exponent of the soft gate (soft_gate), set from soco.gate_power
+        self.gate = "magnitude"  # or "hard_concrete" (GATES), set from soco.gate
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
         self.last_deviation: torch.Tensor | None = None  # likewise (deviation())
 
@@ -70,8 +114,27 @@ class ScoredLinear(nn.Module):
         return self.out_features + self.in_features
 
     def gates(self) -> torch.Tensor:
-        """The share of each component's cost that is paid: min(1, |s|)^p, or 0/1 after the cut."""
-        return self.mask if self.hard else soft_gate(self.score, self.gate_power) * self.mask
+        """The share of each component's cost that is paid: min(1, |s|)^p (or P(z > 0) with
+        hard-concrete gates), 0/1 after the cut."""
+        if self.hard:
+            return self.mask
+        if self.gate == "hard_concrete":
+            return hard_concrete_open(self.log_alpha) * self.mask
+        return soft_gate(self.score, self.gate_power) * self.mask
+
+    def effective_score(self) -> torch.Tensor:
+        """s, times the hard-concrete gates' deterministic value when they are on."""
+        return effective_score(self.score, self.log_alpha if self.gate == "hard_concrete" else None)
+
+    def scale(self) -> torch.Tensor:
+        """What multiplies sigma in this forward: s, times a fresh sample of the hard-concrete
+        gates while they train (a forward that records gradients, before the cut), else
+        times their deterministic value (held-out evaluations, which run without gradients,
+        and the hard network)."""
+        if self.gate == "hard_concrete" and not self.hard and torch.is_grad_enabled():
+            u = torch.rand(self.rank, dtype=self.log_alpha.dtype).clamp(1e-6, 1 - 1e-6).to(self.log_alpha.device)
+            return self.score * hard_concrete_sample(self.log_alpha, u)
+        return self.effective_score()
 
     def deviation(self) -> torch.Tensor:
         """How far the kept components' scaled spectrum is from the unscaled one, relative to
@@ -84,20 +147,16 @@ class ScoredLinear(nn.Module):
         svd-llm solution: the scores leave it only where the distillation loss pays for it.
         """
         energy = self.sigma.detach() ** 2
-        return (self.mask * energy * (self.score - 1.0) ** 2).sum() / energy.sum().clamp_min(1e-30)
-
-    def multiplier(self) -> torch.Tensor:
-        """Effective weight of each component: s * sigma, 0 for the pruned ones."""
-        return self.score * self.sigma * self.mask
+        return (self.mask * energy * (self.effective_score() - 1.0) ** 2).sum() / energy.sum().clamp_min(1e-30)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
         self.last_deviation = self.deviation()
         if self.kept is None:
-            U, Vt, multiplier = self.U, self.Vt, self.multiplier()
+            U, Vt, multiplier = self.U, self.Vt, self.scale() * self.sigma * self.mask
         else:  # the pruned components are left out, not multiplied by 0 (their mask)
-            U, Vt, multiplier = self.U[:, self.kept], self.Vt[self.kept], (self.score * self.sigma)[self.kept]
+            U, Vt, multiplier = self.U[:, self.kept], self.Vt[self.kept], (self.scale() * self.sigma)[self.kept]
         h = torch.nn.functional.linear(x * self.in_scale, Vt)
         h = h * multiplier
         y = torch.nn.functional.linear(h, U) * self.out_scale
@@ -109,7 +168,7 @@ class ScoredLinear(nn.Module):
         The same fold as the learned files (`fold`), its magnitudes split as sqrt on both sides.
         """
         U, sigma, Vt = fold(self.U.detach(), (self.sigma * self.mask).detach(), self.Vt.detach(),
-                            self.score.detach(), keep, self.in_scale.detach(), self.out_scale.detach())
+                            self.effective_score().detach(), keep, self.in_scale.detach(), self.out_scale.detach())
         root = sigma.sqrt()
         return (U * root[None, :]).contiguous(), (root[:, None] * Vt).contiguous()
 

@@ -323,3 +323,53 @@ def test_iterate_average_is_a_bias_corrected_ema_that_round_trips():
         IterateAverage(1.0)
     with pytest.raises(RuntimeError):
         IterateAverage(0.9).value()
+
+
+def test_hard_concrete_expected_count_is_the_exact_count_at_the_limit():
+    """With log alpha far from 0 every sampled gate is exactly 0 or 1, and the expected count
+    P(z > 0) * cost equals the exact count of the open components; in between, P(z > 0) is
+    the frequency of open samples."""
+    from soco.scores import hard_concrete_open, hard_concrete_sample
+    torch.manual_seed(0)
+    m = _scored(8, 6, 5)
+    m.gate = "hard_concrete"
+    with torch.no_grad():
+        m.log_alpha.copy_(torch.tensor([30.0, -30.0, 30.0, 30.0, -30.0]))
+    assert torch.allclose(m.gates().sum() * m.cost, torch.tensor(3.0 * m.cost))
+    for _ in range(20):
+        z = hard_concrete_sample(m.log_alpha, torch.rand(5).clamp(1e-6, 1 - 1e-6))
+        assert torch.equal(z, torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
+    la = torch.tensor([-1.0, 0.0, 2.0])
+    z = hard_concrete_sample(la.expand(200_000, 3), torch.rand(200_000, 3).clamp(1e-6, 1 - 1e-6))
+    assert torch.allclose((z > 0).float().mean(0), hard_concrete_open(la), atol=5e-3)
+
+
+def test_hard_concrete_gates_sample_in_training_and_fold_their_deterministic_value():
+    from soco.scores import hard_concrete_mean
+    torch.manual_seed(0)
+    m = _scored(8, 6, 5)
+    m.gate = "hard_concrete"
+    with torch.no_grad():
+        m.log_alpha.copy_(torch.tensor([3.0, -0.5, 0.2, 1.0, -3.0]))
+        m.score.copy_(torch.tensor([1.2, 0.7, 1.0, 0.9, 1.1]))
+    m.log_alpha.requires_grad_(True)
+    x = torch.randn(4, 6)
+    with torch.no_grad():  # a held-out evaluation: the deterministic gates
+        y = m(x)
+        z = hard_concrete_mean(m.log_alpha)
+        expected = x @ (m.U @ torch.diag(m.score * z * m.sigma) @ m.Vt).T
+    assert torch.allclose(y, expected, atol=1e-5)
+    up, down = m.folded(torch.arange(5))
+    assert torch.allclose(x @ (up @ down).T, expected, atol=1e-5)
+    y1, y2 = m(x), m(x)  # training forwards draw fresh gates, and log alpha gets a gradient
+    assert not torch.allclose(y1, y2)
+    y1.sum().backward()
+    assert m.log_alpha.grad is not None and torch.isfinite(m.log_alpha.grad).all()
+    apply_cut({"m": m}, {"m": torch.tensor([0, 2, 3])})  # the hard network: deterministic gates
+    assert torch.equal(m(x), m(x)) and torch.equal(m.gates(), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
+
+
+def _scored(m: int, n: int, k: int) -> ScoredLinear:
+    """A ScoredLinear over the top-k SVD factors of a random m x n matrix (float32)."""
+    f = svd_factors(torch.randn(m, n, dtype=torch.float64))
+    return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float())

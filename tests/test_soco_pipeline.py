@@ -96,6 +96,29 @@ def test_factor_lr_trains_u_and_the_checkpoint_holds_it(tmp_path, tiny_llama, te
                           U @ torch.diag(sigma) @ Vt, atol=1e-5)
 
 
+def test_hard_concrete_gates_keep_the_exact_budget_and_fold_their_value(tmp_path, tiny_llama, text_file):
+    """soco.gate = hard_concrete: log alpha trains with the scores, the cut keeps exactly the
+    budget, and the learned factors fold s times the gates' deterministic value."""
+    from cluster.storage import Storage
+    from pipeline.stages.decompose import load_layer_factors
+    from pipeline.stages.learn import load_layer_learned
+    from soco.scores import HC_INIT, effective_score, fold
+    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, gate="hard_concrete"), progress=False)
+    assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
+    learn = json.loads((tmp_path / "run" / "learn.json").read_text())
+    assert learn["kept_params"] <= learn["budget_params"] and learn["frozen_at"] > 0
+    saved, _, _ = _final_scores(tmp_path / "run")
+    name = "model.layers.0.self_attn.q_proj"
+    assert not torch.allclose(saved[f"{name}.log_alpha"], torch.full_like(saved[f"{name}.log_alpha"], HC_INIT))
+    factors = load_layer_factors(Storage(str(tmp_path / "run")), 0)["self_attn.q_proj"]
+    keep = torch.nonzero(saved[f"{name}.mask"] > 0).flatten()
+    U, sigma, Vt = fold(factors["U"].float(), factors["sigma"].float(), factors["Vt"].float(),
+                        effective_score(saved[f"{name}.score"], saved[f"{name}.log_alpha"]), keep)
+    learned = load_layer_learned(Storage(str(tmp_path / "run")), 0)["self_attn.q_proj"]
+    assert torch.allclose(learned["U"].float() @ torch.diag(learned["sigma"].float()) @ learned["Vt"].float(),
+                          U @ torch.diag(sigma) @ Vt, atol=1e-5)
+
+
 def _final_scores(run):
     from cluster.storage import Storage
     from pipeline.stages.learning.scored_model import FINAL_SCORES, load_scores

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from soco.schedule import ScheduleConfig
+from soco.scores import GATES
 
 from ...errors import UserError
 
@@ -24,6 +25,11 @@ class SocoConfig:
     lr: float = 0.05  # Adam learning rate of the scores in the coarse stage
     refine_lr_factor: float = 0.4  # the learning rates are multiplied by this after the coarse stage
     gate_power: float = 1.0  # soft gate min(1,|s|)^p of the parameter count: 1 = L1-like, < 1 = closer to L0
+    # what a component pays of its cost before the cut: `magnitude` = the soft gate of its score
+    # (above); `hard_concrete` = P(z > 0) of a sampled hard-concrete gate z of its own, with a
+    # trained log alpha, so the count is paid per whole component (soco/scores.py)
+    gate: str = "magnitude"
+    gate_lr: float = 0.2  # Adam learning rate of the hard-concrete gates' log alpha
     channel_scales: bool = False  # also train a scale per input and output channel of each matrix
     scale_lr: float = 0.01  # Adam learning rate of the channel scales
     # Adam learning rate of every matrix's output factor U (its components' output directions),
@@ -69,6 +75,10 @@ class SocoConfig:
         for key in ("budget_weight", "sparsity_weight", "deviation_weight"):
             if getattr(self.schedule, key) < 0:
                 raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")
+        if self.gate not in GATES:
+            raise UserError(f"soco.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if not self.gate_lr > 0:
+            raise UserError(f"soco.gate_lr must be above 0, got {self.gate_lr}")
         if not 0.0 < self.gate_power <= 1.0:
             raise UserError(f"soco.gate_power must be in (0, 1], got {self.gate_power}")
         if self.launcher not in ("ray", "local"):

@@ -14,7 +14,7 @@ from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
 from soco.importance import FisherImportance, pruning_importance
 from soco.schedule import ScheduleState
-from soco.scores import fold
+from soco.scores import effective_score, fold
 
 from ...plan import Plan
 from ..decompose import load_layer_factors
@@ -29,13 +29,19 @@ def learned_file(i: int) -> str:
     return f"learned/layer-{i:05d}.safetensors"
 
 
+def saved_scores(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{matrix: what multiplies its sigma} of a score checkpoint (soco.scores.effective_score)."""
+    return {k[: -len(".score")]: effective_score(v, saved.get(k[: -len(".score")] + ".log_alpha"))
+            for k, v in saved.items() if k.endswith(".score")}
+
+
 def final_keep(saved: dict[str, torch.Tensor], state: ScheduleState, plan: Plan, ratio: float,
                min_rank_fraction: float, prune_by: str) -> dict[str, torch.Tensor]:
     """Indices of the components kept, per matrix, within the budget."""
     if state.frozen_at >= 0:  # training made the final cut: keep exactly the unmasked components
         return saved_keep(saved, plan.ranks)
     # stopped (max_steps) before the final cut: make it among the unpruned, as pruning does
-    scores = {k[: -len(".score")]: v for k, v in saved.items() if k.endswith(".score")}
+    scores = saved_scores(saved)
     costs = {n: sum(plan.shapes[n]) for n in plan.ranks}
     fisher = FisherImportance({n: v.numel() for n, v in scores.items()})
     fisher.load(saved)
@@ -46,7 +52,8 @@ def final_keep(saved: dict[str, torch.Tensor], state: ScheduleState, plan: Plan,
 def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
                   layers_name: str, n_layers: int) -> dict[str, float]:
     """learned/ files: each layer's kept components with s * sigma and the channel scales folded
-    in, U as trained when soco.factor_lr trained it (hard-on components exactly as trained). Returns each matrix's out-of-order share."""
+    in (s times the hard-concrete gates' deterministic value with those gates), U as trained
+    when soco.factor_lr trained it (hard-on components exactly as trained). Returns each matrix's out-of-order share."""
     shares = {}
     for i in range(n_layers):
         out = {}
@@ -54,7 +61,8 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
             full = f"{layers_name}.{i}.{name}"
             k = keep[full]
             out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = fold(
-                saved.get(f"{full}.U", f["U"]), f["sigma"], f["Vt"], saved[f"{full}.score"], k,
+                saved.get(f"{full}.U", f["U"]), f["sigma"], f["Vt"],
+                effective_score(saved[f"{full}.score"], saved.get(f"{full}.log_alpha")), k,
                 saved.get(f"{full}.in_scale"), saved.get(f"{full}.out_scale"))
             shares[full] = out_of_order_share(f["sigma"], k)
         store.save_tensors(learned_file(i), out, {"method": "soco"})
@@ -98,7 +106,7 @@ def finalize(store: Storage, plan: Plan, ratio: float, min_rank_fraction: float,
     store.write_json(FINAL_PLAN, Plan("soco", ratio, final_ranks, plan.shapes).to_json())
     try:
         from ...plots import plot_learning
-        scores = {k[: -len(".score")]: v for k, v in saved.items() if k.endswith(".score")}
+        scores = saved_scores(saved)
         plot_learning(store, curve, state.boundaries, scores, plan, final_ranks, keep, layers_name, state.frozen_at)
     except Exception as e:  # noqa: BLE001 - a missing plot must not lose a finished training
         print(f"soco: warning: plots not written: {e}")

@@ -1,7 +1,8 @@
 """The scored model (every planned linear a ScoredLinear over its factors) and its score checkpoints.
 
 A score checkpoint (scores/*.safetensors) holds the trained tensors as `<module>.score`
-(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it), `<module>.mask`, the Fisher importance
+(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it,
+`.log_alpha` with hard-concrete gates), `<module>.mask`, the Fisher importance
 and the iterate average (soco/importance.py, soco/averaging.py), with the schedule state and
 the training curve as JSON metadata (`state`, `curve`).
 """
@@ -25,7 +26,7 @@ from ..decompose import load_layer_factors
 
 FINAL_SCORES = "scores/final.safetensors"
 BEST_SCORES = "scores/best.safetensors"
-TRAINED_PARTS = ("score", "in_scale", "out_scale", "U")
+TRAINED_PARTS = ("score", "in_scale", "out_scale", "U", "log_alpha")
 
 
 def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
@@ -60,10 +61,13 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
     return model
 
 
-def trained_tensors(mods: dict[str, ScoredLinear], scales: bool, factors: bool = False) -> dict[str, nn.Parameter]:
+def trained_tensors(mods: dict[str, ScoredLinear], scales: bool, factors: bool = False,
+                    gates: bool = False) -> dict[str, nn.Parameter]:
     """The trainable tensors of the scored modules by checkpoint name: the scores, with
-    `scales` the channel scales, with `factors` the output factors U."""
-    parts = ("score",) + (("in_scale", "out_scale") if scales else ()) + (("U",) if factors else ())
+    `scales` the channel scales, with `factors` the output factors U, with `gates` the
+    hard-concrete gates' log alpha."""
+    parts = (("score",) + (("in_scale", "out_scale") if scales else ()) + (("U",) if factors else ())
+             + (("log_alpha",) if gates else ()))
     return {f"{n}.{p}": getattr(m, p) for n, m in mods.items() for p in parts}
 
 

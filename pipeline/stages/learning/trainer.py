@@ -65,10 +65,11 @@ class Trainer:
             self.model.train()  # HF recomputes layers only in training mode (these models have no dropout)
         self.mods = scored_modules(self.model)
         for m in self.mods.values():
-            m.gate_power = s.gate_power
+            m.gate_power, m.gate = s.gate_power, s.gate
         state, self.curve = None, []
         ckpt = latest_checkpoint(self.store) if job.resume else None
-        self.trained = trained_tensors(self.mods, s.channel_scales, factors=s.factor_lr > 0)
+        self.trained = trained_tensors(self.mods, s.channel_scales, factors=s.factor_lr > 0,
+                                       gates=s.gate == "hard_concrete")
         for p in self.trained.values():
             p.requires_grad_(True)
         saved: dict[str, torch.Tensor] = {}
@@ -84,6 +85,9 @@ class Trainer:
                            "lr": s.scale_lr})
         if s.factor_lr > 0:
             groups.append({"params": [p for k, p in self.trained.items() if k.endswith(".U")], "lr": s.factor_lr})
+        if s.gate == "hard_concrete":
+            groups.append({"params": [p for k, p in self.trained.items() if k.endswith(".log_alpha")],
+                           "lr": s.gate_lr})
         self.engine = zero.engine(SoCoObjective(self.model), groups, s.zero_stage, micro_batch)
         # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
         # windows, the teacher, the schedule's and the averages' state stay on the host
@@ -98,7 +102,9 @@ class Trainer:
                   f"{'restored' if self.restored_optimizer else 'restart: the checkpoint has none'})",
                   file=sys.stderr, flush=True)
         self.base_lrs = [g["lr"] for g in groups]
-        self.score_params = [m.score for m in self.mods.values()]
+        # what the effective scores are read from (soco.scores.effective_score)
+        self.score_params = [m.score for m in self.mods.values()] + (
+            [m.log_alpha for m in self.mods.values()] if s.gate == "hard_concrete" else [])
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
@@ -155,9 +161,9 @@ class Trainer:
 
     def prune(self, keep_params: float) -> None:
         """Keep the most important components among those still alive, within keep_params."""
-        with zero.gathered(self.score_params):  # the scores themselves are read only when pruning by |s|
+        with zero.gathered(self.score_params):  # the scores themselves are read only when pruning by |s z|
             importance = pruning_importance(self.soco.prune_by, self.fisher,
-                                            {n: m.score.detach().cpu() for n, m in self.mods.items()},
+                                            {n: m.effective_score().detach().cpu() for n, m in self.mods.items()},
                                             {n: m.mask.cpu() for n, m in self.mods.items()}, self.costs)
         apply_cut(self.mods, select_components(importance, self.costs, int(keep_params), self.job.min_ranks))
 
@@ -185,6 +191,9 @@ class Trainer:
         for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
+        # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
+        # the same on every rank, so a resumed run draws what an uninterrupted one would
+        torch.manual_seed(s.seed * 1_000_003 + step)
         kl, soft, deviation = self.forward([self.train_ids[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
         self.engine.backward(kl + budget + sparsity + sched.regulariser(deviation))
