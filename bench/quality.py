@@ -72,6 +72,8 @@ def main() -> None:
                     help="a config value for every run of this invocation (repeatable): its rows are named "
                          "'<method> [KEY=VALUE, ...]' (or --label) and sit beside the plain method's")
     ap.add_argument("--label", help="the row name of this invocation's runs (one method)")
+    ap.add_argument("--progress", action="store_true",
+                    help="progress bars of the stages and a line per learn step (for a log)")
     ap.add_argument("--zero-shot", metavar="TASKS",
                     help="instead of compressing: zero-shot accuracy (lm-eval, validation splits) of the dense model "
                          "and of every kept checkpoint of --methods at --ratios, e.g. piqa,hellaswag,winogrande,"
@@ -166,7 +168,7 @@ def main() -> None:
                  "run": {"eval_dense": dense is None}}, a.overrides))
             # a variant adopts the plain method's committed stages that it shares (its calibration)
             donor = Path(a.workdir) / method
-            r = compress(cfg, progress=False, reuse_from=[str(donor)] if name != method and donor.exists() else [])
+            r = compress(cfg, progress=a.progress, reuse_from=[str(donor)] if name != method and donor.exists() else [])
             keep_checkpoint(workdir, ratio)
             if dense is None:
                 dense = r["perplexity"]["dense"]

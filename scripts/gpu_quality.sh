@@ -19,7 +19,7 @@ for row in "$@"; do
   start=$(date +%s)
   echo "== $row" | tee -a "$LOG"
   # shellcheck disable=SC2086  # a row is a list of options
-  timeout "${T_ROW:-200}" "$PY" bench/quality.py --methods soco --ratios 0.4 --no-ray --launcher local \
+  timeout "${T_ROW:-200}" "$PY" bench/quality.py --methods soco --ratios 0.4 --no-ray --launcher local --progress \
     --workdir /tmp/soco-quality --results "$OUT/quality" $row >>"$LOG" 2>&1
   echo "== exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
   grep -E "r=0\.[0-9]: ppl" "$LOG" | tail -n 1
