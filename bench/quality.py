@@ -361,7 +361,7 @@ def seed_spread(out: dict, texts: list, ratios: list[float]) -> list[str]:
     for name, by in out["rows"].items():
         for r, row in by.items():
             if "learn" in row:
-                seed, rest = seed_of(row.get("overrides", []))
+                _, rest = seed_of(row.get("overrides", []))
                 groups.setdefault((row.get("method", name), rest, r), []).append(name)
     lines = []
     for (method, rest, r), names in groups.items():
