@@ -265,6 +265,7 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.launcher=mpi", "soco.launcher must be"),
     ("soco.schedule.deviation_weight=-1", "soco.schedule.deviation_weight must be at least 0"),
     ("soco.factor_lr=-0.001", "soco.factor_lr must be a number of at least 0"),
+    ("soco.factor_from=cut", "soco.factor_from must be one of coarse, refine, sparsify"),
     ("soco.gate=l0", "soco.gate must be one of magnitude, hard_concrete"),
     ("soco.gate_lr=0", "soco.gate_lr must be above 0"),
     ("soco.refine_steps=3", "did you mean 'soco.schedule.refine_steps'"),

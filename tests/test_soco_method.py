@@ -369,6 +369,23 @@ def test_hard_concrete_gates_sample_in_training_and_fold_their_deterministic_val
     assert torch.equal(m(x), m(x)) and torch.equal(m.gates(), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
 
 
+def test_u_held_fixed_has_no_gradient_and_the_same_output():
+    """With factor_trains off, U enters the forward detached: the output is the same and U's
+    gradient is not computed at all (what keeps steps before soco.factor_from as cheap as frozen U)."""
+    m, x = _scored(6, 5, 4), torch.randn(3, 5)
+    m.U.requires_grad_(True)
+    y_train = m(x)
+    y_train.sum().backward()
+    assert m.U.grad is not None and m.U.grad.abs().sum() > 0
+    m.U.grad, m.factor_trains = None, False
+    apply_cut({"m": m}, {"m": torch.tensor([0, 2])})
+    y_fixed = m(x)
+    y_fixed.sum().backward()
+    assert m.U.grad is None and m.score.grad is not None
+    m.factor_trains = True
+    assert torch.equal(m(x), y_fixed)
+
+
 def _scored(m: int, n: int, k: int) -> ScoredLinear:
     """A ScoredLinear over the top-k SVD factors of a random m x n matrix (float32)."""
     f = svd_factors(torch.randn(m, n, dtype=torch.float64))

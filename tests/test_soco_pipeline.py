@@ -96,6 +96,28 @@ def test_factor_lr_trains_u_and_the_checkpoint_holds_it(tmp_path, tiny_llama, te
                           U @ torch.diag(sigma) @ Vt, atol=1e-5)
 
 
+def test_factor_from_sparsify_holds_u_until_the_pruning_starts(tmp_path, tiny_llama, text_file):
+    """soco.factor_from = sparsify: every checkpoint written before the sparsify stage holds
+    svd-llm's U unchanged (its gradient is not even computed), and U trains from there on."""
+    from cluster.storage import Storage
+    from pipeline.stages.decompose import load_layer_factors
+    from pipeline.stages.learning.scored_model import load_scores
+    from soco.schedule import Stage
+    compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_from="sparsify",
+                         checkpoint_every=1), progress=False)
+    store = Storage(str(tmp_path / "run"))
+    name, original = "model.layers.0.self_attn.q_proj", load_layer_factors(store, 0)["self_attn.q_proj"]["U"].float()
+    stages = []
+    for rel in sorted(f"scores/{n}" for n in store.listdir("scores") if n.startswith("step-")):
+        saved, state, _ = load_scores(store, rel)
+        stages.append(state.stage)
+        if state.stage < Stage.SPARSIFY:  # the next step is still before sparsify: U untouched
+            assert torch.equal(saved[f"{name}.U"], original)
+    assert Stage.COARSE in stages and Stage.REFINE in stages and max(stages) >= Stage.SPARSIFY
+    final, _, _ = _final_scores(tmp_path / "run")
+    assert not torch.allclose(final[f"{name}.U"], original)
+
+
 def test_hard_concrete_gates_keep_the_exact_budget_and_fold_their_value(tmp_path, tiny_llama, text_file):
     """soco.gate = hard_concrete: log alpha trains with the scores, the cut keeps exactly the
     budget, and the learned factors fold s times the gates' deterministic value."""

@@ -12,6 +12,8 @@ from ...errors import UserError
 #: metadata of a field that changes how a run executes, never what it computes: such fields
 #: stay out of the stage keys (pipeline/manifest.py), so changing them reuses committed work.
 EXECUTION_ONLY = {"execution_only": True}
+#: the stages soco.factor_from may name (soco.schedule.Stage, lower case)
+FACTOR_STAGES = ("coarse", "refine", "sparsify")
 
 
 @dataclass
@@ -36,6 +38,10 @@ class SocoConfig:
     # trained with the scores by the same distillation: a correction beyond the diagonal that the
     # stored format already holds (U is stored anyway). 0 = U stays frozen (svd-llm's).
     factor_lr: float = 0.0
+    # the stage from which U trains (coarse | refine | sparsify): before it U is held fixed and
+    # its gradient is not computed, so those steps cost what they cost with U frozen. From
+    # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
+    factor_from: str = "coarse"
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
@@ -72,6 +78,8 @@ class SocoConfig:
             raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {self.average_decay}")
         if isinstance(self.factor_lr, bool) or not isinstance(self.factor_lr, (int, float)) or self.factor_lr < 0:
             raise UserError(f"soco.factor_lr must be a number of at least 0 (0 = U frozen), got {self.factor_lr!r}")
+        if self.factor_from not in FACTOR_STAGES:
+            raise UserError(f"soco.factor_from must be one of {', '.join(FACTOR_STAGES)}, got {self.factor_from!r}")
         for key in ("budget_weight", "sparsity_weight", "deviation_weight"):
             if getattr(self.schedule, key) < 0:
                 raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")

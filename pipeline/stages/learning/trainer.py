@@ -190,6 +190,8 @@ class Trainer:
         factor = 1.0 if sched.stage == Stage.COARSE else s.refine_lr_factor
         for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
+        for m in self.mods.values():  # U's gradient only from soco.factor_from on
+            m.factor_trains = sched.stage >= Stage[s.factor_from.upper()]
         ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
         # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
         # the same on every rank, so a resumed run draws what an uninterrupted one would
