@@ -7,6 +7,9 @@
 #     OUT=/tmp/out T_ROW=150 bash scripts/gpu_quality.sh "--set soco.seed=1" "--set soco.factor_lr=1e-4" ...
 # Each argument is the options of one row beyond `--methods soco --ratios 0.4` (give --ratios
 # inside it to change that). The bundled model must be importable (scripts/gpu_bundle.sh).
+# PARALLEL=1 runs the rows side by side (the GPU machine has 16 cores and one GPU that a 135M
+# model leaves mostly idle), each with THREADS torch threads (default 3) and a log of its
+# own ($OUT/row-N.log); the rows then compute their own calibration.
 set -u
 OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
@@ -15,12 +18,24 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/gpu_quality.log"
 cp bench/results/quality.json "$OUT/quality.json"
 { nvidia-smi -L; "$PY" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, torch.cuda.get_device_name(0), '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"; } >>"$LOG" 2>&1
-for row in "$@"; do
+row() {  # options, log
+  local start rc
   start=$(date +%s)
-  echo "== $row" | tee -a "$LOG"
+  echo "== $1" | tee -a "$2"
   # shellcheck disable=SC2086  # a row is a list of options
   timeout "${T_ROW:-200}" "$PY" bench/quality.py --methods soco --ratios 0.4 --no-ray --launcher local --progress \
-    --workdir /tmp/soco-quality --results "$OUT/quality" $row >>"$LOG" 2>&1
-  echo "== exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
-  grep -E "r=0\.[0-9]: ppl" "$LOG" | tail -n 1
+    --workdir /tmp/soco-quality --results "$OUT/quality" $1 >>"$2" 2>&1
+  rc=$?
+  echo "== exit $rc after $(( $(date +%s) - start )) s: $1" | tee -a "$LOG"
+  grep -E "r=0\.[0-9]: ppl" "$2" | tail -n 1
+}
+n=0
+for r in "$@"; do
+  n=$((n + 1))
+  if [ "${PARALLEL:-0}" = 1 ]; then
+    OMP_NUM_THREADS=${THREADS:-3} row "$r --set run.threads=${THREADS:-3}" "$OUT/row-$n.log" &
+  else
+    row "$r" "$LOG"
+  fi
 done
+wait
