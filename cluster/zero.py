@@ -138,38 +138,57 @@ def _inner_state(eng) -> tuple[Any, list[torch.Tensor]]:
     return zopt.optimizer, list(flats)
 
 
-def optimizer_state(eng, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+def _relink(eng) -> None:
+    """ZeRO-1/2: point each parameter at its slice of Adam's state as the state is now. DeepSpeed
+    links them once, after the first group's first step, when a later group's state may not
+    exist yet (Adam creates it at that group's first step with a gradient)."""
+    if hasattr(eng.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        eng.optimizer._hp_optimizer_states_linked = False
+        eng.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def optimizer_state(eng, groups: list[dict[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
     """Adam's moments of each named parameter, whole however ZeRO partitions them (a collective:
-    every rank must call it), as `<name>.exp_avg` / `<name>.exp_avg_sq`, and the step count as
-    `optimizer.step`; empty before the first step (Adam creates its state lazily)."""
+    every rank must call it), as `<name>.exp_avg` / `<name>.exp_avg_sq`, and each parameter
+    group's step count (`groups` in the optimiser's order) as `optimizer.step`.
+
+    A group Adam has not stepped yet (its parameters have had no gradient: they train from a
+    later stage) counts 0 steps and has no moments; nothing at all before the first step."""
     from deepspeed.utils import safe_get_full_optimizer_state
     inner, flats = _inner_state(eng)
-    steps = [inner.state[f]["step"] for f in flats if "step" in inner.state.get(f, {})]
-    if not steps:
+    steps = [float(inner.state[f]["step"]) if "step" in inner.state.get(f, {}) else 0.0 for f in flats]
+    if not any(steps):
         return {}
+    _relink(eng)
     out = {f"{n}.{k}": safe_get_full_optimizer_state(p, k).detach().clone().reshape(p.ds_shape if hasattr(p, "ds_shape")
                                                                                      else p.shape)
-           for n, p in params.items() for k in ADAM_STATE}
-    out["optimizer.step"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(1).clone()
+           for named, step in zip(groups, steps) if step for n, p in named.items() for k in ADAM_STATE}
+    out["optimizer.step"] = torch.tensor(steps, dtype=torch.float32)
     return out
 
 
-def load_optimizer_state(eng, params: dict[str, nn.Parameter], saved: dict[str, torch.Tensor]) -> bool:
-    """Put Adam's moments and step count saved by `optimizer_state` back (every rank calls it,
-    with the same values); False, changing nothing, when `saved` holds none."""
+def load_optimizer_state(eng, groups: list[dict[str, nn.Parameter]], saved: dict[str, torch.Tensor]) -> bool:
+    """Put Adam's moments and step counts saved by `optimizer_state` back (every rank calls it,
+    with the same values); False, changing nothing, when `saved` holds none or does not fit
+    these groups. One saved step count (an older checkpoint) is every group's."""
     from deepspeed.utils import safe_set_full_optimizer_state
-    if "optimizer.step" not in saved or any(f"{n}.{k}" not in saved for n in params for k in ADAM_STATE):
-        return False
     inner, flats = _inner_state(eng)
-    step = saved["optimizer.step"].reshape(()).to(torch.float32)
-    for f in flats:  # the state Adam would have made at its first step, then filled below
-        inner.state[f] = {"step": step.clone(), "exp_avg": torch.zeros_like(f), "exp_avg_sq": torch.zeros_like(f)}
-    if hasattr(eng.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO-1/2 map each parameter to its slice of that state (at the first step, otherwise)
-        eng.optimizer._lazy_init_hp_params_optimizer_state()
-    for n, p in params.items():
-        for k in ADAM_STATE:
-            safe_set_full_optimizer_state(p, saved[f"{n}.{k}"].to(flats[0].device, torch.float32), k)
+    if "optimizer.step" not in saved:
+        return False
+    steps = saved["optimizer.step"].flatten().to(torch.float32)
+    if steps.numel() == 1:
+        steps = steps.repeat(len(flats))
+    if steps.numel() != len(flats) or len(groups) != len(flats) or any(
+            f"{n}.{k}" not in saved for named, step in zip(groups, steps) if step > 0 for n in named for k in ADAM_STATE):
+        return False
+    for f, step in zip(flats, steps):  # the state Adam would have made at its first step, then filled below
+        if step > 0:
+            inner.state[f] = {"step": step.clone(), "exp_avg": torch.zeros_like(f), "exp_avg_sq": torch.zeros_like(f)}
+    _relink(eng)
+    for named, step in zip(groups, steps):
+        for n, p in (named.items() if step > 0 else ()):
+            for k in ADAM_STATE:
+                safe_set_full_optimizer_state(p, saved[f"{n}.{k}"].to(flats[0].device, torch.float32), k)
     return True
 
 

@@ -41,7 +41,8 @@ class SoCoObjective(nn.Module):
     deviation of the scored matrices from their unscaled spectrum).
 
     The count and the deviation are summed from what each ScoredLinear recorded during its
-    own forward, because under ZeRO-3 a module's parameters exist only while that module runs.
+    own forward, because under ZeRO-3 a module's parameters exist only while that module runs
+    (the deviation is 0 when the modules do not measure it: `ScoredLinear.measures_deviation`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -55,5 +56,6 @@ class SoCoObjective(nn.Module):
         # the teacher predicts the token after each position, as the student's logits do
         kl = topk_kl(logits, teacher_logp, teacher_idx)
         soft = torch.stack([m.last_soft_count for m in self._scored]).sum()
-        deviation = torch.stack([m.last_deviation for m in self._scored]).mean()
+        measured = [m.last_deviation for m in self._scored if m.last_deviation is not None]
+        deviation = torch.stack(measured).mean() if measured else kl.new_zeros(())
         return kl, soft, deviation

@@ -110,6 +110,7 @@ class ScoredLinear(nn.Module):
         self.factor_trains = True
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
         self.last_deviation: torch.Tensor | None = None  # likewise (deviation())
+        self.measures_deviation = True  # off when nothing pays for it (soco.schedule.deviation_weight 0)
 
     @property
     def cost(self) -> int:
@@ -155,7 +156,7 @@ class ScoredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
-        self.last_deviation = self.deviation()
+        self.last_deviation = self.deviation() if self.measures_deviation else None
         U = self.U if self.factor_trains else self.U.detach()
         if self.kept is None:
             Vt, multiplier = self.Vt, self.scale() * self.sigma * self.mask

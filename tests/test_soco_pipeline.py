@@ -203,8 +203,9 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
 @pytest.mark.parametrize("zero_stage", [3, 2])
 def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama, text_file, zero_stage):
     """Stopped after step 8 and resumed from that checkpoint (scores, schedule, Fisher, average
-    and Adam's moments and step count), the learn stage takes exactly the steps an
-    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical."""
+    and Adam's moments and step counts), the learn stage takes exactly the steps an
+    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical. U trains
+    from refinement on, so Adam has two parameter groups, the second started later."""
     from dataclasses import replace
 
     from cluster.storage import Storage
@@ -213,14 +214,15 @@ def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama,
     from pipeline.stages.learning.job import learn_job
     from pipeline.stages.learning.scored_model import load_scores
     from pipeline.stages.learning.trainer import train_worker
-    knobs = dict(checkpoint_every=4, coarse_max_steps=3, refine_steps=20, eval_every=100, zero_stage=zero_stage)
+    knobs = dict(checkpoint_every=4, coarse_max_steps=3, refine_steps=20, eval_every=100, zero_stage=zero_stage,
+                 factor_lr=1e-3, factor_from="refine")
     whole = soco_config(tiny_llama, tmp_path / "whole", text_file, max_steps=12, **knobs)
     run_compress(whole, progress=False)
     cut = soco_config(tiny_llama, tmp_path / "cut", text_file, max_steps=8, **knobs)
     run_compress(cut, progress=False)
     store = Storage(str(tmp_path / "cut"))
     saved8, _, _ = load_scores(store, "scores/step-000008.safetensors")
-    assert int(saved8["optimizer.step"][0]) == 8 and any(k.endswith(".exp_avg_sq") for k in saved8)
+    assert int(saved8["optimizer.step"][0]) == 8 and any(k.endswith(".U.exp_avg_sq") for k in saved8)
     job = learn_job(cut, Plan.from_json(store.read_json("factors/plan.json")), store, resume=True, progress=False)
     train_worker({"job": replace(job, soco=replace(job.soco, max_steps=12))})
     a, state_a, curve_a = load_scores(Storage(str(tmp_path / "whole")), "scores/step-000012.safetensors")

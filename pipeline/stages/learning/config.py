@@ -60,6 +60,19 @@ class SocoConfig:
     launcher: str = field(default="ray", metadata=EXECUTION_ONLY)  # ray (Ray Train TorchTrainer) | local (this process, one rank)
     seed: int = 0
 
+    def learning_rates(self) -> dict[str, float]:
+        """What trains in every scored matrix (its ScoredLinear attribute) and at which Adam
+        learning rate: the one place that says it (the trained tensors, their optimiser groups
+        and the checkpoints follow from it)."""
+        rates = {"score": self.lr}
+        if self.channel_scales:
+            rates |= {"in_scale": self.scale_lr, "out_scale": self.scale_lr}
+        if self.factor_lr > 0:
+            rates["U"] = self.factor_lr
+        if self.gate == "hard_concrete":
+            rates["log_alpha"] = self.gate_lr
+        return rates
+
     def validate(self, cfg: Any) -> None:
         """Checks that types alone do not catch; `cfg` is the whole run config."""
         ratio = cfg.compress.ratio

@@ -26,7 +26,8 @@ from ..decompose import load_layer_factors
 
 FINAL_SCORES = "scores/final.safetensors"
 BEST_SCORES = "scores/best.safetensors"
-TRAINED_PARTS = ("score", "in_scale", "out_scale", "U", "log_alpha")
+#: the trained parts the effective score is read from (soco.scores.effective_score)
+SCORE_PARTS = ("score", "log_alpha")
 
 
 def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
@@ -61,13 +62,10 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
     return model
 
 
-def trained_tensors(mods: dict[str, ScoredLinear], scales: bool, factors: bool = False,
-                    gates: bool = False) -> dict[str, nn.Parameter]:
-    """The trainable tensors of the scored modules by checkpoint name: the scores, with
-    `scales` the channel scales, with `factors` the output factors U, with `gates` the
-    hard-concrete gates' log alpha."""
-    parts = (("score",) + (("in_scale", "out_scale") if scales else ()) + (("U",) if factors else ())
-             + (("log_alpha",) if gates else ()))
+def trained_tensors(mods: dict[str, ScoredLinear], parts: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The given trained parts (SocoConfig.learning_rates) of the scored modules by checkpoint
+    name, `<module>.<part>`."""
+    parts = tuple(parts)
     return {f"{n}.{p}": getattr(m, p) for n, m in mods.items() for p in parts}
 
 

@@ -26,8 +26,8 @@ from soco.scores import active_params, apply_cut, scored_modules
 from ...model_io import ModelSource
 from ..calibrate import WINDOWS_FILE
 from .job import LearnJob
-from .scored_model import (BEST_SCORES, FINAL_SCORES, build_scored_model, latest_checkpoint, load_scores,
-                           save_scores, saved_keep, trained_tensors)
+from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, latest_checkpoint,
+                           load_scores, save_scores, saved_keep, trained_tensors)
 from .teacher import TEACHER_FILE
 
 
@@ -66,10 +66,13 @@ class Trainer:
         self.mods = scored_modules(self.model)
         for m in self.mods.values():
             m.gate_power, m.gate = s.gate_power, s.gate
+            m.measures_deviation = s.schedule.deviation_weight > 0
         state, self.curve = None, []
         ckpt = latest_checkpoint(self.store) if job.resume else None
-        self.trained = trained_tensors(self.mods, s.channel_scales, factors=s.factor_lr > 0,
-                                       gates=s.gate == "hard_concrete")
+        rates = s.learning_rates()
+        self.trained = trained_tensors(self.mods, rates)
+        # the trained tensors by optimiser group (one per part, in the order of `rates`)
+        self.groups = [trained_tensors(self.mods, [part]) for part in rates]
         for p in self.trained.values():
             p.requires_grad_(True)
         saved: dict[str, torch.Tensor] = {}
@@ -79,15 +82,7 @@ class Trainer:
             if state.stage >= Stage.SPARSIFY:  # resumed while pruning: the same components stay pruned
                 apply_cut(self.mods, saved_keep(saved, self.mods))
         self.schedule = ThreeStageSchedule(s.schedule, state)
-        groups = [{"params": [p for k, p in self.trained.items() if k.endswith(".score")], "lr": s.lr}]
-        if s.channel_scales:
-            groups.append({"params": [p for k, p in self.trained.items() if k.endswith("_scale")],
-                           "lr": s.scale_lr})
-        if s.factor_lr > 0:
-            groups.append({"params": [p for k, p in self.trained.items() if k.endswith(".U")], "lr": s.factor_lr})
-        if s.gate == "hard_concrete":
-            groups.append({"params": [p for k, p in self.trained.items() if k.endswith(".log_alpha")],
-                           "lr": s.gate_lr})
+        groups = [{"params": list(named.values()), "lr": lr} for named, lr in zip(self.groups, rates.values())]
         self.engine = zero.engine(SoCoObjective(self.model), groups, s.zero_stage, micro_batch)
         # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
         # windows, the teacher, the schedule's and the averages' state stay on the host
@@ -95,7 +90,7 @@ class Trainer:
         # Adam's moments and step count, saved in every checkpoint: a resumed run takes the same
         # steps an uninterrupted one would (a checkpoint written before this existed has none:
         # then Adam starts afresh, as it used to)
-        self.restored_optimizer = ckpt is not None and zero.load_optimizer_state(self.engine, self.trained, saved)
+        self.restored_optimizer = ckpt is not None and zero.load_optimizer_state(self.engine, self.groups, saved)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if ckpt is not None and self.rank == 0:
             print(f"soco: learn: going on from step {state.step} ({ckpt}; Adam's moments "
@@ -103,8 +98,7 @@ class Trainer:
                   file=sys.stderr, flush=True)
         self.base_lrs = [g["lr"] for g in groups]
         # what the effective scores are read from (soco.scores.effective_score)
-        self.score_params = [m.score for m in self.mods.values()] + (
-            [m.log_alpha for m in self.mods.values()] if s.gate == "hard_concrete" else [])
+        self.score_params = [p for k, p in self.trained.items() if k.rsplit(".", 1)[1] in SCORE_PARTS]
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
@@ -175,7 +169,7 @@ class Trainer:
         values.update(self.fisher.state())
         if self.average is not None:
             values.update(self.average.state())
-        values.update({k: v.cpu() for k, v in zero.optimizer_state(self.engine, self.trained).items()})
+        values.update({k: v.cpu() for k, v in zero.optimizer_state(self.engine, self.groups).items()})
         if self.rank == 0:
             save_scores(self.store, rel, values, self.schedule.state, self.curve)
 
