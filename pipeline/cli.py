@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
 from cluster.errors import Busy
 
 from . import __version__
 from .errors import UserError
+from . import termination
 from .exits import EXIT, result_line, run_status
 
 
@@ -122,13 +122,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers and Ray send to stop a job), raised where the program is, so a
-    run stops the way Ctrl-C stops it: its manifest says failed, with the reason."""
-
-
-def _terminate(signum: int, _frame) -> None:
-    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "compress":
+        return cmd_compress(args)
+    if args.command == "sweep":
+        return cmd_sweep(args)
+    from .jobs import JOB_COMMANDS, run_job_command
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
+    return cmd_eval(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,17 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import threading
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = termination.install() if main_thread else None
     summary = _result if args.command in ("compress", "sweep") else (lambda *a, **k: None)
     try:
-        if args.command == "compress":
-            return cmd_compress(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        from .jobs import JOB_COMMANDS, run_job_command
-        if args.command in JOB_COMMANDS:
-            return run_job_command(args)
-        return cmd_eval(args)
+        try:
+            return _dispatch(args)
+        except Exception as e:  # an error that a signal caused is the interruption (pipeline/termination.py)
+            stop = termination.pending()
+            if stop is None:
+                raise
+            raise stop from e
     except Busy as e:
         print(f"soco: busy: {e}", file=sys.stderr)
         summary("busy", error=str(e))
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soco: error: {e}", file=sys.stderr)
         summary("bad_input", error=str(e))
         return EXIT["bad_input"]
-    except Terminated as e:
+    except termination.Terminated as e:
         print(f"soco: {e}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT["failed"]
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            termination.restore(previous)
 
 
 if __name__ == "__main__":

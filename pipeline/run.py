@@ -29,6 +29,7 @@ from cluster.executor import Executor, LocalExecutor, RayExecutor
 from cluster.lease import Lease
 from cluster.storage import Storage, check_reachable
 
+from . import termination
 from .config import Config
 from .data import Windows, load_windows
 from .errors import UserError
@@ -204,9 +205,13 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
         man.set_status("done")
         return report
     except BaseException as e:
+        # an error that a signal caused is the interruption (pipeline/termination.py)
+        stop = termination.pending() if isinstance(e, Exception) else None
         if created and not any(man.done(s.name) for s in stages):
             lease.release()
             store.rm("")  # nothing committed: leave no trace of the run
         else:
-            man.set_status("failed", f"{type(e).__name__}: {e}")
+            man.set_status("failed", f"{type(stop or e).__name__}: {stop or e}")
+        if stop is not None:
+            raise stop from e
         raise

@@ -109,6 +109,28 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, tiny_llama, text_file):
     assert state is None or (state["status"] == "failed" and "SIGTERM" in state["error"])
 
 
+def test_sigterm_turned_into_another_error_still_stops_the_run_as_sigterm(capsys, tmp_path, tiny_llama, text_file,
+                                                                          monkeypatch):
+    """A C extension can turn the signal's exception into an error of its own (safetensors'
+    reader, interrupted while building a tensor, said it could not read the file). The run
+    still ends as stopped by SIGTERM: exit 143, and its manifest gives that reason."""
+    from pipeline.errors import UserError
+    from pipeline.stages.decompose import Decompose
+
+    def read_interrupted_by_sigterm(self, ctx):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        except KeyboardInterrupt:
+            raise UserError("cannot read model.layers.0.mlp.gate_proj.weight: could not determine the shape") from None
+
+    monkeypatch.setattr(Decompose, "run", read_interrupted_by_sigterm)
+    code, _, err = _cli(capsys, ["compress", str(_config(tmp_path, tiny_llama, text_file)), "--quiet"])
+    assert code == 143 and err[-1] == "soco: stopped by signal SIGTERM", err
+    state = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert state["status"] == "failed" and state["error"] == "Terminated: stopped by signal SIGTERM"
+
+
 # --------------------------------------------------------------------------- one writer, one owner
 def _lease(folder: Path, age_s: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
