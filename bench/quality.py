@@ -102,8 +102,9 @@ def main() -> None:
 
         The file is read again first and only this invocation's cells replace its rows, so
         invocations running side by side (a seed beside an ablation) keep each other's cells."""
-        if res.with_suffix(".json").exists():
-            current = upgrade(json.loads(res.with_suffix(".json").read_text())).get("rows", {})
+        previous = upgrade(json.loads(res.with_suffix(".json").read_text())) if res.with_suffix(".json").exists() else {}
+        if previous:
+            current = previous.get("rows", {})
             for m, by in current.items():
                 for r, v in by.items():
                     if (m, float(r)) not in made and not (m in rerun and float(r) in a.ratios):
@@ -122,6 +123,8 @@ def main() -> None:
         out = {"protocol": protocol, "dense_ppl": dense, "dense_ppl_other": dense_other, "other_data": a.other_data,
                "rows": rows, "wall_s": round(time.time() - t0, 1),
                "last_invocation": {"methods": a.methods, "ratios": a.ratios}}
+        if a.fill_other and "last_invocation" in previous:  # it compressed nothing: the last compression's figures stay
+            out |= {k: previous[k] for k in ("wall_s", "last_invocation")}
         res.parent.mkdir(parents=True, exist_ok=True)
         res.with_suffix(".json").write_text(json.dumps(out, indent=2))
         table = render(out, sorted({r for by in rows.values() for r in by}))
@@ -245,10 +248,14 @@ def render_zero_shot(out: dict) -> str:
 
 
 def row_name(a: argparse.Namespace, method: str) -> str:
-    """The table row of a method's runs in this invocation: the method, or its variant."""
+    """The table row of a method's runs in this invocation: the method, or its variant (named
+    by the overrides that change results: execution-only ones, such as soco.checkpoint_every,
+    name none)."""
+    from pipeline.config import execution_only
     if a.label:
         return a.label
-    return f"{method} [{', '.join(a.overrides)}]" if a.overrides else method
+    named = [o for o in a.overrides if not execution_only(o.split("=", 1)[0])]
+    return f"{method} [{', '.join(named)}]" if named else method
 
 
 def run_dir(a: argparse.Namespace, name: str) -> Path:

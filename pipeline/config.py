@@ -228,6 +228,23 @@ def _result_fields(node: Any) -> Any:
             if not f.metadata.get("execution_only")}
 
 
+def execution_only(path: str) -> bool:
+    """Whether the dotted config path (`soco.checkpoint_every`) names a field marked
+    execution-only, one that never changes what a run computes; False for any other path."""
+    first, *rest = path.split(".")
+    node: Any = methods.sections().get(first)
+    if node is None:
+        node, rest = Config, [first, *rest]
+    for part in rest:
+        f = {g.name: g for g in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
+        if f is None:
+            return False
+        if f.metadata.get("execution_only"):
+            return True
+        node = typing.get_type_hints(node)[part]
+    return False
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` strings; values are parsed as YAML scalars (0.4, true, text)."""
     for item in overrides:
