@@ -4,9 +4,12 @@
 # quality.py invocation, with its own time limit, so that a slow one costs only its own row;
 # they start from this checkout's bench/results/quality.json (its dense and baseline figures)
 # and write theirs to $OUT/quality.{json,md} as each finishes. Run from the repository root:
-#     OUT=/tmp/out T_ROW=150 bash scripts/gpu_quality.sh "--set soco.seed=1" "--set soco.factor_lr=1e-4" ...
+#     OUT=/tmp/out T_ROW=300 bash scripts/gpu_quality.sh "--set soco.zero_stage=2 --set soco.seed=1" ...
 # Each argument is the options of one row beyond `--methods soco --ratios 0.4` (give --ratios
 # inside it to change that). The bundled model must be importable (scripts/gpu_bundle.sh).
+# Give every row `--set soco.zero_stage=2`: ZeRO-3 on one GPU gathers each of the 210 scored
+# matrices at every forward and backward, and its learn stage did not finish in 230 s where
+# ZeRO-2's took 84 s (README, "Checked on a GPU").
 # PARALLEL=1 runs the rows side by side (the GPU machine has 16 cores and one GPU that a 135M
 # model leaves mostly idle), each with THREADS torch threads (default 3) and a log of its
 # own ($OUT/row-N.log); the rows then compute their own calibration.
