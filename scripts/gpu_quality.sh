@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rows of the quality bench (bench/quality.py) on a GPU machine: decompose and SoCo's learn
-# stage run on the GPU (ZeRO-3 over NCCL), calibrate and evaluate on its CPUs. Each row is one
+# stage run on the GPU (DeepSpeed ZeRO over NCCL), calibrate and evaluate on its CPUs. Each row is one
 # quality.py invocation, with its own time limit, so that a slow one costs only its own row;
 # they start from this checkout's bench/results/quality.json (its dense and baseline figures)
 # and write theirs to $OUT/quality.{json,md} as each finishes. Run from the repository root:
