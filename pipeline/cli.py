@@ -12,9 +12,8 @@ import sys
 
 from cluster.errors import Busy
 
-from . import __version__
+from . import __version__, termination
 from .errors import UserError
-from . import termination
 from .exits import EXIT, result_line, run_status
 
 

@@ -87,7 +87,7 @@ class Trainer:
         # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
         # windows, the teacher, the schedule's and the averages' state stay on the host
         self.device = self.engine.device
-        # Adam's moments and step count, saved in every checkpoint: a resumed run takes the same
+        # Adam's moments and step counts, saved in every checkpoint: a resumed run takes the same
         # steps an uninterrupted one would (a checkpoint written before this existed has none:
         # then Adam starts afresh, as it used to)
         self.restored_optimizer = ckpt is not None and zero.load_optimizer_state(self.engine, self.groups, saved)
