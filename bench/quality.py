@@ -348,13 +348,15 @@ def log_damage_ratio(ppl: float | None, base: float | None, dense: float | None)
 
 
 def seed_of(overrides: list[str]) -> tuple[int, tuple[str, ...]]:
-    """(the soco.seed an override list sets, 0 by default; the other overrides)."""
+    """(the soco.seed an override list sets, 0 by default; the other overrides that change
+    results: execution-only ones, such as soco.checkpoint_every, tell no configuration apart)."""
+    from pipeline.config import execution_only
     seed, rest = 0, []
     for o in overrides:
         key, _, value = o.partition("=")
         if key.strip() == "soco.seed":
             seed = int(value)
-        else:
+        elif not execution_only(key.strip()):
             rest.append(o)
     return seed, tuple(sorted(rest))
 
