@@ -106,7 +106,7 @@ class ScoredLinear(nn.Module):
         self.gate_power = 1.0  # exponent of the soft gate (soft_gate), set from soco.gate_power
         self.gate = "magnitude"  # or "hard_concrete" (GATES), set from soco.gate
         # whether U's gradient is computed (when U trains at all): off, U enters the forward
-        # detached, so a step costs what it costs with U frozen (soco.factor_from)
+        # detached and its gradient is not computed (soco.factor_from)
         self.factor_trains = True
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
         self.last_deviation: torch.Tensor | None = None  # likewise (deviation())

@@ -371,7 +371,7 @@ def test_hard_concrete_gates_sample_in_training_and_fold_their_deterministic_val
 
 def test_u_held_fixed_has_no_gradient_and_the_same_output():
     """With factor_trains off, U enters the forward detached: the output is the same and U's
-    gradient is not computed at all (what keeps steps before soco.factor_from as cheap as frozen U)."""
+    gradient is not computed at all (the steps before soco.factor_from)."""
     m, x = _scored(6, 5, 4), torch.randn(3, 5)
     m.U.requires_grad_(True)
     y_train = m(x)

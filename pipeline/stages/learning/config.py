@@ -39,7 +39,7 @@ class SocoConfig:
     # stored format already holds (U is stored anyway). 0 = U stays frozen (svd-llm's).
     factor_lr: float = 0.0
     # the stage from which U trains (coarse | refine | sparsify): before it U is held fixed and
-    # its gradient is not computed, so those steps cost what they cost with U frozen. From
+    # its gradient is not computed (Adam still steps U's group, with a zero gradient). From
     # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
     factor_from: str = "coarse"
     batch_size: int = 2  # calibration windows per step (split across workers)
