@@ -251,10 +251,9 @@ def row_name(a: argparse.Namespace, method: str) -> str:
     """The table row of a method's runs in this invocation: the method, or its variant (named
     by the overrides that change results: execution-only ones, such as soco.checkpoint_every,
     name none)."""
-    from pipeline.config import execution_only
     if a.label:
         return a.label
-    named = [o for o in a.overrides if not execution_only(o.split("=", 1)[0])]
+    named = [o for o in a.overrides if changes_results(o)]
     return f"{method} [{', '.join(named)}]" if named else method
 
 
@@ -347,16 +346,21 @@ def log_damage_ratio(ppl: float | None, base: float | None, dense: float | None)
     return math.log(ppl / dense) / math.log(base / dense)
 
 
+def changes_results(override: str) -> bool:
+    """Whether a KEY=VALUE override can change results (its key is not execution-only)."""
+    from pipeline.config import execution_only
+    return not execution_only(override.partition("=")[0].strip())
+
+
 def seed_of(overrides: list[str]) -> tuple[int, tuple[str, ...]]:
     """(the soco.seed an override list sets, 0 by default; the other overrides that change
     results: execution-only ones, such as soco.checkpoint_every, tell no configuration apart)."""
-    from pipeline.config import execution_only
     seed, rest = 0, []
     for o in overrides:
         key, _, value = o.partition("=")
         if key.strip() == "soco.seed":
             seed = int(value)
-        elif not execution_only(key.strip()):
+        elif changes_results(o):
             rest.append(o)
     return seed, tuple(sorted(rest))
 
