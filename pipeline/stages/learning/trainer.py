@@ -70,9 +70,9 @@ class Trainer:
         state, self.curve = None, []
         ckpt = latest_checkpoint(self.store) if job.resume else None
         rates = s.learning_rates()
-        self.trained = trained_tensors(self.mods, rates)
-        # the trained tensors by optimiser group (one per part, in the order of `rates`)
+        # the trained tensors by optimiser group (one per part, in the order of `rates`), and all of them
         self.groups = [trained_tensors(self.mods, [part]) for part in rates]
+        self.trained = {k: p for named in self.groups for k, p in named.items()}
         for p in self.trained.values():
             p.requires_grad_(True)
         saved: dict[str, torch.Tensor] = {}
