@@ -12,7 +12,9 @@
 # ZeRO-2's took 84 s (README, "Checked on a GPU").
 # PARALLEL=1 runs the rows side by side (the GPU machine has 16 cores and one GPU that a 135M
 # model leaves mostly idle), each with THREADS torch threads (default 3) and a log of its
-# own ($OUT/row-N.log); the rows then compute their own calibration.
+# own ($OUT/row-N.log); the rows then compute their own calibration. Rows side by side need
+# run folders of their own: two rows of one name (the same --label, or the same overrides at
+# another ratio) need a --workdir each, or the second finds the folder busy.
 set -u
 OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
