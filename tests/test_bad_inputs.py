@@ -289,6 +289,9 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.factor_lr=-0.001", "soco.factor_lr must be a number of at least 0"),
     ("soco.factor_from=cut", "soco.factor_from must be one of coarse, refine, sparsify"),
     ("soco.gate=l0", "soco.gate must be one of magnitude, hard_concrete"),
+    ("soco.hidden_layers=-1", "soco.hidden_layers must be at least 0"),
+    ("soco.hidden_layers=1.5", "config key 'soco.hidden_layers' must be int"),
+    ("soco.hidden_weight=-1", "soco.hidden_weight must be at least 0"),
     ("soco.gate_lr=0", "soco.gate_lr must be above 0"),
     ("soco.refine_steps=3", "did you mean 'soco.schedule.refine_steps'"),
     ("soco.schedule.refine_stepz=3", "unknown config key 'soco.schedule.refine_stepz'"),
@@ -314,6 +317,8 @@ def test_bad_values_are_one_line_and_write_nothing(capsys, tmp_path, tiny_llama,
 def test_soco_and_mgaa_values_that_depend_on_the_method(capsys, tmp_path, tiny_llama, text_file):
     cfg = _config(tmp_path, tiny_llama, text_file)
     for overrides, fragment in ((["compress.method=soco", "soco.holdout_samples=100"], "soco.holdout_samples (100)"),
+                                (["compress.method=soco", "soco.holdout_samples=1", "soco.hidden_layers=4"],
+                                 "soco.hidden_layers (4) is more than the model's 3 decoder layers"),
                                 (["compress.method=svd-llm+mgaa", "compress.ratio=0.95"], "outside mgaa's sublayer ratios")):
         code, _, err = _cli(capsys, ["compress", str(cfg), "--quiet"] + [x for o in overrides for x in ("--set", o)])
         assert code == 2 and len(err) == 1 and fragment in err[0], err

@@ -7,7 +7,7 @@ import torch
 from soco.allocate import out_of_order_share, select_components
 from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
-from soco.objective import SoCoObjective, teacher_topk, topk_kl
+from soco.objective import SoCoObjective, distilled_layers, hidden_distance, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import ScoredLinear, active_params, apply_cut, exact_count, fold, scored_modules, soft_count
 
@@ -33,12 +33,59 @@ def test_gradients_reach_only_the_scores(tiny_llama):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         logp, idx = teacher_topk(torch.randn(2, 12, model.config.vocab_size), 8)
-    kl, soft, _ = SoCoObjective(model)(ids, logp, idx)
+    kl, _, soft, _ = SoCoObjective(model)(ids, logp, idx)
     (kl + soft / 1e4).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(n.endswith(".score") for n in with_grad)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith(".score"))
     assert any(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if n.endswith(".score"))
+
+
+def test_distilled_layers_spread_over_depth_and_end_at_the_last():
+    assert distilled_layers(30, 4) == [6, 14, 21, 29]
+    assert distilled_layers(5, 1) == [4]
+    assert distilled_layers(3, 3) == [0, 1, 2]
+    assert distilled_layers(8, 0) == []
+    with pytest.raises(ValueError):
+        distilled_layers(2, 3)
+
+
+def test_hidden_distance_is_relative_per_token():
+    teacher = torch.randn(2, 3, 5, 8)  # [windows, layers, tokens, d]
+    assert float(hidden_distance(list(teacher.unbind(1)), teacher)) == 0.0
+    noise = torch.randn(2, 3, 5, 8)
+    base = float(hidden_distance(list((teacher + 0.1 * noise).unbind(1)), teacher))
+    assert base > 0
+    # one token of the teacher 1000x larger (an attention sink), its error scaled alike: the same distance
+    big, student = teacher.clone(), teacher + 0.1 * noise
+    big[:, :, 0] *= 1000
+    student[:, :, 0] = big[:, :, 0] + 1000 * 0.1 * noise[:, :, 0]
+    assert abs(float(hidden_distance(list(student.unbind(1)), big)) - base) < 1e-4 * base
+
+
+def test_hidden_distillation_compares_the_chosen_layers_outputs(tiny_llama):
+    """With the scored model's own layer outputs as the teacher's, the distance is 0; against
+    other targets it is positive and its gradient reaches the scores without the KL."""
+    model = _tiny_scored_model(tiny_llama)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    picked = distilled_layers(model.config.num_hidden_layers, 2)
+    with torch.no_grad():
+        outputs = []
+        hooks = [model.model.layers[i].register_forward_hook(
+            lambda _m, _a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for i in picked]
+        logp, idx = teacher_topk(model(ids).logits, 8)
+        for h in hooks:
+            h.remove()
+    own = torch.stack(outputs, dim=1)
+    objective = SoCoObjective(model, [model.model.layers[i] for i in picked])
+    kl, hidden, _, _ = objective(ids, logp, idx, own)
+    assert float(hidden.detach()) < 1e-10 and float(kl.detach()) < 1e-5
+    _, hidden, _, _ = objective(ids, logp, idx, own * 1.1)
+    assert float(hidden.detach()) > 1e-3
+    hidden.backward()
+    assert any(float(m.score.grad.abs().sum()) > 0 for m in scored_modules(model).values())
+    # without teacher states the term is 0
+    assert float(objective(ids, logp, idx)[1].detach()) == 0.0
 
 
 def test_soft_count_equals_exact_count_when_gates_are_hard(tiny_llama):
@@ -99,7 +146,7 @@ def test_removing_pruned_components_changes_no_logit_nor_gradient(tiny_llama):
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         for m in mods.values():
             m.score.grad = None
-        kl, _, _ = SoCoObjective(model)(ids, logp, idx)
+        kl, _, _, _ = SoCoObjective(model)(ids, logp, idx)
         kl.backward()
         return model(ids).logits.detach(), {n: m.score.grad.clone() for n, m in mods.items()}
 

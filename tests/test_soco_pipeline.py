@@ -118,6 +118,35 @@ def test_factor_from_sparsify_holds_u_until_the_pruning_starts(tmp_path, tiny_ll
     assert not torch.allclose(final[f"{name}.U"], original)
 
 
+def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_llama, text_file):
+    """soco.hidden_layers = 2: the cached targets are the dense model's own outputs of the
+    chosen decoder layers on the calibration windows (its forward, not the layer-by-layer
+    one), every step records the hidden-state distance, and the budget is still exact."""
+    from transformers import AutoModelForCausalLM
+    from cluster.storage import Storage
+    from pipeline.stages.calibrate import WINDOWS_FILE
+    from pipeline.stages.learning.teacher import HIDDEN_FILE
+    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, hidden_layers=2), progress=False)
+    assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
+    store = Storage(str(tmp_path / "run"))
+    cached = store.load_tensors(HIDDEN_FILE)["hidden"]
+    assert json.loads(store.tensor_metadata(HIDDEN_FILE)["layers"]) == [0, 2]
+    windows = store.load_tensors(WINDOWS_FILE)["windows"]
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    outputs = {}
+    for i in (0, 2):
+        dense.model.layers[i].register_forward_hook(
+            lambda _m, _a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        dense(windows)
+    assert cached.shape == (windows.shape[0], 2, windows.shape[1], dense.config.hidden_size)
+    assert cached.dtype == torch.bfloat16
+    for j, i in enumerate((0, 2)):
+        torch.testing.assert_close(cached[:, j].float(), outputs[i], rtol=1e-2, atol=1e-2)
+    _, _, curve = _final_scores(tmp_path / "run")
+    assert all(e["hidden"] > 0 for e in curve)
+
+
 def test_hard_concrete_gates_keep_the_exact_budget_and_fold_their_value(tmp_path, tiny_llama, text_file):
     """soco.gate = hard_concrete: log alpha trains with the scores, the cut keeps exactly the
     budget, and the learned factors fold s times the gates' deterministic value."""

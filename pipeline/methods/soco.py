@@ -11,6 +11,7 @@ from torch import nn
 from cluster.storage import Storage
 from soco.ranks import coarse_ratio
 
+from ..errors import UserError
 from ..stages.learning.config import SocoConfig
 from ..plan import Plan, coarse_plan, uniform_plan
 from ..stages.base import Stage
@@ -32,6 +33,10 @@ class Soco(Method):
         """svd-llm factors pre-truncated at the coarse ratio (default: candidates worth twice
         the budget's parameters); the target itself must be reachable by every matrix."""
         uniform_plan(model, self.name, cfg.compress.ratio)  # refuses a target ratio no matrix can meet
+        n_layers = model.config.num_hidden_layers
+        if cfg.soco.hidden_layers > n_layers:
+            raise UserError(f"soco.hidden_layers ({cfg.soco.hidden_layers}) is more than the model's "
+                            f"{n_layers} decoder layers")
         return coarse_plan(model, coarse_ratio(cfg.soco.coarse_ratio, cfg.compress.ratio))
 
     def extra_stages(self) -> tuple[Stage, ...]:

@@ -4,6 +4,8 @@ Inputs: `factors/` (svd-llm factors pre-truncated to the coarse ranks), `calib/w
 and `calib/final-hidden` (from calibrate), the model's non-linear weights.
 Outputs:
   teacher/topk.safetensors      dense top-k log-probs (`logp`) and ids (`idx`) per token
+  teacher/hidden.safetensors    with soco.hidden_layers: the dense outputs of the distilled
+                                decoder layers (`hidden`, bfloat16, [windows, layers, tokens, d])
   scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
                                 and `<module>.mask` (0 = pruned by sparsification's gradual
@@ -31,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cluster.storage import Storage
+from soco.objective import distilled_layers
 
 from ..errors import UserError
 from .learning.finalize import FINAL_PLAN, finalize, learned_file
 from .learning.job import learn_job
-from .learning.teacher import TEACHER_FILE, cache_teacher
+from .learning.teacher import HIDDEN_FILE, TEACHER_FILE, cache_hidden, cache_teacher
 from .learning.trainer import train_worker
-from ..model_io import ModelSource
+from ..model_io import ModelSource, worker_location
 from ..plan import Plan
 from .base import Stage, StageContext
 from .decompose import load_factor_file
@@ -66,6 +69,9 @@ def run_learn(cfg: Config, source: ModelSource, store: Storage, plan: Plan, dtyp
             store.rm(rel)
     if not store.exists(TEACHER_FILE):
         cache_teacher(source, store, cfg.soco.topk, dtype)
+    if cfg.soco.hidden_layers and not store.exists(HIDDEN_FILE):
+        cache_hidden(worker_location(cfg.model), cfg.run.dtype, store,
+                     distilled_layers(n_layers, cfg.soco.hidden_layers), cfg.data.batch_size, progress)
     if cfg.data.calib_samples - cfg.soco.holdout_samples < 1:
         raise UserError("soco.holdout_samples must leave at least one calibration window for training")
     job = learn_job(cfg, plan, store, resume=resume, progress=progress)

@@ -42,6 +42,12 @@ class SocoConfig:
     # its gradient is not computed (Adam still steps U's group, with a zero gradient). From
     # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
     factor_from: str = "coarse"
+    # distil the outputs of this many decoder layers too (spread over depth, the last among
+    # them: soco.objective.distilled_layers), by their per-token relative squared error to the
+    # dense model's; 0 = the logits alone. Costs one more dense pass over the calibration
+    # windows (the targets, teacher/hidden.safetensors) and holds its targets in memory.
+    hidden_layers: int = 0
+    hidden_weight: float = 1.0  # weight of that hidden-state distance beside the KL
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
@@ -96,6 +102,10 @@ class SocoConfig:
         for key in ("budget_weight", "sparsity_weight", "deviation_weight"):
             if getattr(self.schedule, key) < 0:
                 raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")
+        if self.hidden_layers < 0:
+            raise UserError(f"soco.hidden_layers must be at least 0 (0 = off), got {self.hidden_layers}")
+        if self.hidden_weight < 0:
+            raise UserError(f"soco.hidden_weight must be at least 0, got {self.hidden_weight}")
         if self.gate not in GATES:
             raise UserError(f"soco.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if not self.gate_lr > 0:

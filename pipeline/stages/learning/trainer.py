@@ -19,16 +19,16 @@ from cluster.storage import Storage
 from soco.allocate import select_components
 from soco.averaging import IterateAverage
 from soco.importance import FisherImportance, pruning_importance
-from soco.objective import SoCoObjective
+from soco.objective import SoCoObjective, distilled_layers
 from soco.schedule import Stage, ThreeStageSchedule
 from soco.scores import active_params, apply_cut, scored_modules
 
-from ...model_io import ModelSource
+from ...model_io import ModelSource, find_layers
 from ..calibrate import WINDOWS_FILE
 from .job import LearnJob
 from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, latest_checkpoint,
                            load_scores, save_scores, saved_keep, trained_tensors)
-from .teacher import TEACHER_FILE
+from .teacher import HIDDEN_FILE, TEACHER_FILE
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
@@ -83,7 +83,9 @@ class Trainer:
                 apply_cut(self.mods, saved_keep(saved, self.mods))
         self.schedule = ThreeStageSchedule(s.schedule, state)
         groups = [{"params": list(named.values()), "lr": lr} for named, lr in zip(self.groups, rates.values())]
-        self.engine = zero.engine(SoCoObjective(self.model), groups, s.zero_stage, micro_batch)
+        layers = find_layers(self.model)[1]
+        distilled = [layers[i] for i in distilled_layers(len(layers), s.hidden_layers)]
+        self.engine = zero.engine(SoCoObjective(self.model, distilled), groups, s.zero_stage, micro_batch)
         # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
         # windows, the teacher, the schedule's and the averages' state stay on the host
         self.device = self.engine.device
@@ -102,6 +104,8 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
+        # [windows, distilled layers, tokens, d] in bfloat16, widened per batch
+        self.teacher_hidden = self.store.load_tensors(HIDDEN_FILE)["hidden"] if s.hidden_layers else None
         self.n_train = self.windows.shape[0] - s.holdout_samples
         self.train_ids = list(range(self.n_train))
         self.hold_ids = list(range(self.n_train, self.windows.shape[0]))
@@ -132,11 +136,13 @@ class Trainer:
                 self.trained[k].copy_(v)
         return previous
 
-    def forward(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(KL to the teacher, soft parameter count, deviation from the unscaled spectrum) on the given windows."""
+    def forward(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(KL to the teacher, hidden-state distance to it, soft parameter count, deviation
+        from the unscaled spectrum) on the given windows."""
+        hidden = None if self.teacher_hidden is None else self.teacher_hidden[ids].to(self.device, torch.float32)
         # teacher row t and student logits at t both predict token t+1 of the window
         return self.engine(self.windows[ids].to(self.device), self.teacher["logp"][ids].to(self.device),
-                           self.teacher["idx"][ids].to(self.device))
+                           self.teacher["idx"][ids].to(self.device), hidden)
 
     def all_mean(self, v: float) -> float:
         """The mean of a per-rank value over the ranks."""
@@ -190,23 +196,27 @@ class Trainer:
         # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
         # the same on every rank, so a resumed run draws what an uninterrupted one would
         torch.manual_seed(s.seed * 1_000_003 + step)
-        kl, soft, deviation = self.forward([self.train_ids[i] for i in ids])
+        kl, hidden, soft, deviation = self.forward([self.train_ids[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
-        self.engine.backward(kl + budget + sparsity + sched.regulariser(deviation))
+        self.engine.backward(kl + s.hidden_weight * hidden + budget + sparsity + sched.regulariser(deviation))
         self.record_importance()
         self.engine.step()
         soft_v = float(soft.detach())  # once pruning starts: exactly the kept parameters
         kl_v = self.all_mean(float(kl.detach()))
+        hidden_v = self.all_mean(float(hidden.detach()))
         stage_before = sched.stage
         sched.after_step(soft_v, target)
         if self.averaging:
             with zero.gathered(list(self.trained.values())):
                 self.average.update(self.trained)
-        return {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
+        entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
                 "budget": float(budget.detach()),
                 # the step's own time against the multiply-adds per token of the scored matrices it computed
                 "step_s": round(time.perf_counter() - t_step, 3), "active_params": active_params(self.mods),
                 "seconds": round(time.perf_counter() - self.t0, 2)}
+        if self.teacher_hidden is not None:
+            entry["hidden"] = hidden_v
+        return entry
 
     def evaluation_due(self, step: int) -> bool:
         """Whether the held-out KL is measured after `step` (counted from 1): every
@@ -236,7 +246,8 @@ class Trainer:
             self.curve.append(entry)
             if self.job.progress and self.rank == 0:
                 print(f"learn step {entry['step']} stage {entry['stage']} kl {entry['kl']:.4f} "
-                      f"soft/target {entry['soft_count'] / self.job.target:.4f}"
+                      + (f"hidden {entry['hidden']:.4f} " if "hidden" in entry else "")
+                      + f"soft/target {entry['soft_count'] / self.job.target:.4f}"
                       + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
             if sched.state.step % self.soco.checkpoint_every == 0:
                 self.checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
