@@ -29,8 +29,11 @@ def plot_learning(store, curve: list[dict], boundaries: list[int], scores: dict[
     hold = [(e["step"], e["holdout_kl"]) for e in curve if "holdout_kl" in e]
     if hold:
         ax.plot(*zip(*hold), "o-", label="held-out KL", color="tab:green", ms=3)
+    hidden = [(e["step"], e["hidden"]) for e in curve if "hidden" in e]
+    if hidden:  # soco.hidden_layers: the hidden-state distance trained beside the KL
+        ax.plot(*zip(*hidden), label="train hidden-state distance", color="tab:purple", lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(dense || compressed)")
+    ax.set_ylabel("KL(dense || compressed)" + (" / hidden-state distance" if hidden else ""))
     ax.set_yscale("log")
     ax2 = ax.twinx()
     target = store.read_json("learn.json")["budget_params"] if store.exists("learn.json") else None
