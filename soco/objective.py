@@ -7,7 +7,7 @@ the rest), which needs only the cached values and the student's full log-softmax
 
 Optionally the outputs of a few decoder layers are distilled too (`hidden_distance`): the
 logits' top-k say little per token about the rest of the representation, so the scores can
-fit the 56 training windows' top tokens in ways that do not carry to other text; matching
+fit the calibration windows' top tokens in ways that do not carry to other text; matching
 the dense model's intermediate hidden states asks for more of the dense computation.
 """
 from __future__ import annotations
