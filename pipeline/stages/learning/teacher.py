@@ -59,3 +59,9 @@ def cache_hidden(location: str, dtype_name: str, store: Storage, layers: list[in
         if i in layers:
             kept.append(share.final_hidden().to(HIDDEN_DTYPE))
     store.save_tensors(HIDDEN_FILE, {"hidden": torch.stack(kept, dim=1)}, {"layers": json.dumps(layers)})
+
+
+def load_hidden(store: Storage) -> tuple[list[int], torch.Tensor]:
+    """The decoder layers whose dense outputs `cache_hidden` kept, and those outputs
+    [windows, layers, tokens, d] (bfloat16): the trainer distils exactly these layers."""
+    return json.loads(store.tensor_metadata(HIDDEN_FILE)["layers"]), store.load_tensors(HIDDEN_FILE)["hidden"]

@@ -19,7 +19,7 @@ from cluster.storage import Storage
 from soco.allocate import select_components
 from soco.averaging import IterateAverage
 from soco.importance import FisherImportance, pruning_importance
-from soco.objective import SoCoObjective, distilled_layers
+from soco.objective import SoCoObjective
 from soco.schedule import Stage, ThreeStageSchedule
 from soco.scores import active_params, apply_cut, scored_modules
 
@@ -28,7 +28,7 @@ from ..calibrate import WINDOWS_FILE
 from .job import LearnJob
 from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, latest_checkpoint,
                            load_scores, save_scores, saved_keep, trained_tensors)
-from .teacher import HIDDEN_FILE, TEACHER_FILE
+from .teacher import TEACHER_FILE, load_hidden
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
@@ -83,9 +83,12 @@ class Trainer:
                 apply_cut(self.mods, saved_keep(saved, self.mods))
         self.schedule = ThreeStageSchedule(s.schedule, state)
         groups = [{"params": list(named.values()), "lr": lr} for named, lr in zip(self.groups, rates.values())]
+        # the distilled layers are those whose dense outputs the teacher cache holds, [windows,
+        # distilled layers, tokens, d] in bfloat16, widened per batch
+        distilled, self.teacher_hidden = load_hidden(self.store) if s.hidden_layers else ([], None)
         layers = find_layers(self.model)[1]
-        distilled = [layers[i] for i in distilled_layers(len(layers), s.hidden_layers)]
-        self.engine = zero.engine(SoCoObjective(self.model, distilled), groups, s.zero_stage, micro_batch)
+        self.engine = zero.engine(SoCoObjective(self.model, [layers[i] for i in distilled]), groups,
+                                  s.zero_stage, micro_batch)
         # where the engine put the model (a GPU when this process sees one, as NCCL needs); the
         # windows, the teacher, the schedule's and the averages' state stay on the host
         self.device = self.engine.device
@@ -104,8 +107,6 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
-        # [windows, distilled layers, tokens, d] in bfloat16, widened per batch
-        self.teacher_hidden = self.store.load_tensors(HIDDEN_FILE)["hidden"] if s.hidden_layers else None
         self.n_train = self.windows.shape[0] - s.holdout_samples
         self.train_ids = list(range(self.n_train))
         self.hold_ids = list(range(self.n_train, self.windows.shape[0]))
