@@ -7,13 +7,18 @@ in-process pipeline twice, once with the GPU visible and once with CUDA_VISIBLE_
 `--method soco` (ZeRO stage 3 by default), the learned ranks, the held-out KL and the
 learn stage's time. Writes bench/results/cuda_vs_cpu-<method>.json (or into --out).
 
-    python bench/cuda_vs_cpu.py [--method svd-llm|soco] [--zero-stage 2|3] [--out DIR]
+    python bench/cuda_vs_cpu.py [--method svd-llm|soco] [--zero-stage 2|3] [--soco KEY=VALUE ...] [--out DIR]
+
+`--soco KEY=VALUE` sets a soco option in both runs (e.g. `hidden_layers=2`, `factor_lr=1e-4`), so
+that a mechanism the default leaves off is checked on the GPU too; the file is then named
+cuda_vs_cpu-soco-<KEY-VALUE-...>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,7 +54,21 @@ SOCO_SHORT = {"lr": 0.05, "batch_size": 4, "holdout_samples": 4, "topk": 32, "ev
                                                 "coarse_max_steps": 40}}
 
 
-def child(folder: Path, out: Path, method: str, zero_stage: int) -> None:
+def soco_options(pairs: list[str]) -> dict:
+    """`KEY=VALUE` pairs as soco options, each value read as JSON where it parses (numbers), else as text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--soco needs KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def child(folder: Path, out: Path, method: str, zero_stage: int, extra: dict) -> None:
     import torch
     from pipeline import compress
     from pipeline.config import from_dict
@@ -59,13 +78,20 @@ def child(folder: Path, out: Path, method: str, zero_stage: int) -> None:
                     "eval_samples": 8, "batch_size": 8},
            "compress": {"method": method, "ratio": 0.4}, "ray": {"enabled": False}}
     if method == "soco":
-        cfg["soco"] = {**SOCO_SHORT, "zero_stage": zero_stage}
+        cfg["soco"] = {**SOCO_SHORT, "zero_stage": zero_stage, **extra}
     report = compress(from_dict(cfg), progress=False)
     learn = json.loads((out / "learn.json").read_text()) if (out / "learn.json").exists() else None
+    curve = None
+    if learn:  # the training curve's ends: the loss terms a --soco option turns on are compared too
+        from cluster.storage import Storage
+        from pipeline.stages.learning.scored_model import FINAL_SCORES
+        steps = json.loads(Storage(str(out)).tensor_metadata(FINAL_SCORES)["curve"])
+        curve = {"first": steps[0], "last": steps[-1]}
     print("RESULT " + json.dumps({"cuda": torch.cuda.is_available(), "seconds": time.perf_counter() - t0,
                                   "timings_s": report["timings_s"], "perplexity": report["perplexity"],
                                   "learn": learn and {k: learn[k] for k in ("steps", "best_holdout_kl", "kept_params",
                                                                             "budget_params", "train_seconds")},
+                                  "curve": curve,
                                   "ranks": json.loads((out / "plan.json").read_text())["ranks"] if learn else None}),
           flush=True)
 
@@ -75,7 +101,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--method", default="svd-llm", choices=["svd-llm", "soco"])
     ap.add_argument("--zero-stage", type=int, default=3, choices=[2, 3], help="soco's DeepSpeed ZeRO stage")
+    ap.add_argument("--soco", action="append", default=[], metavar="KEY=VALUE",
+                    help="a soco option for both runs (repeatable), e.g. hidden_layers=2")
     a = ap.parse_args()
+    extra = soco_options(a.soco)
+    if extra and a.method != "soco":
+        raise SystemExit("--soco needs --method soco")
     import torch
     from cluster.storage import Storage
     tmp = Path(tempfile.mkdtemp(prefix="soco-cuda-"))
@@ -85,7 +116,7 @@ def main() -> None:
     for name, visible in (("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "0")), ("cpu", "")):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=path)  # the project first, then the rest
         r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name), a.method,
-                            str(a.zero_stage)], env=env, capture_output=True, text=True)
+                            str(a.zero_stage), json.dumps(extra)], env=env, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             raise SystemExit(f"{name} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -108,22 +139,24 @@ def main() -> None:
            "decompose_s": {k: v["timings_s"]["decompose"] for k, v in results.items()},
            "perplexity": {k: v["perplexity"] for k, v in results.items()},
            "max_rel_sigma_diff": worst["sigma"], "max_rel_factor_product_diff": worst["product"],
-           "method": a.method}
+           "method": a.method, "soco_options": extra}
     if a.method == "soco":
         g, c = results["gpu"], results["cpu"]
         out |= {"zero_stage": a.zero_stage, "backend": {"gpu": "nccl" if g["cuda"] else "gloo", "cpu": "gloo"},
                 "learn_s": {k: v["timings_s"]["learn"] for k, v in results.items()},
                 "learn": {k: v["learn"] for k, v in results.items()},
+                "curve": {k: v["curve"] for k, v in results.items()},
                 "matrices_with_other_learned_rank": sum(g["ranks"][n] != c["ranks"][n] for n in c["ranks"]),
                 "matrices": len(c["ranks"]),
                 "max_learned_rank_diff": max(abs(g["ranks"][n] - c["ranks"][n]) for n in c["ranks"])}
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / f"cuda_vs_cpu-{a.method}.json").write_text(json.dumps(out, indent=2))
+    tag = "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(a.soco)) if a.soco else ""  # a plain file name
+    (Path(a.out) / f"cuda_vs_cpu-{a.method}{tag}.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6]))
     else:
         main()
