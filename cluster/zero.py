@@ -92,13 +92,50 @@ def init_config(zero_stage: int, micro_batch: int, world_size: int, dtype: torch
     return cfg
 
 
+#: the param-group key that marks a group idle for a step (IdleAwareAdam)
+IDLE = "idle"
+
+
+class IdleAwareAdam(torch.optim.Adam):
+    """torch's Adam, except that a param group whose `IDLE` key is true only counts the step.
+
+    DeepSpeed hands Adam a zero gradient for a group whose parameters took no part in the
+    backward (soco.factor_from: U trains from a later stage on), and Adam then runs its whole
+    update over them for nothing: for U, tens of millions of numbers every step. With a zero
+    gradient and no weight decay that update leaves the moments at zero and the parameters
+    as they are; only the step count moves, and it enters Adam's bias correction once the
+    group trains. So an idle group gets exactly that: its state made as Adam makes it, and
+    the step counted, bit for bit what the full update would have left.
+    """
+
+    def step(self, closure=None):  # noqa: D102 (Adam's)
+        groups = self.param_groups
+        idle = [g for g in groups if g.get(IDLE)]
+        for group in idle:
+            if group["weight_decay"]:
+                raise ValueError("an idle param group must have no weight decay (its update would not be zero)")
+            self._init_group(group, [], [], [], [], [], [])  # Adam's own lazy state, where missing
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["step"] += 1
+        if len(idle) == len(groups):
+            return closure() if closure is not None else None
+        self.param_groups = [g for g in groups if not g.get(IDLE)]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
 def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int, micro_batch: int):
     """A DeepSpeed engine over `model` optimising the param groups ({"params", "lr"}) with torch's
-    Adam. Parameters built under `partitioned_init` stay partitioned; the rest are partitioned here."""
+    Adam (IdleAwareAdam: set a group's `IDLE` key, through `eng.optimizer.param_groups`, while
+    its parameters get no gradient). Parameters built under `partitioned_init` stay
+    partitioned; the rest are partitioned here."""
     _select_accelerator()
     import deepspeed
     world = init_distributed()
-    opt = torch.optim.Adam(param_groups)
+    opt = IdleAwareAdam(param_groups)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(zero_stage, micro_batch, world),
                                         dist_init_required=False)
     return eng

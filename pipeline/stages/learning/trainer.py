@@ -102,6 +102,7 @@ class Trainer:
                   f"{'restored' if self.restored_optimizer else 'restart: the checkpoint has none'})",
                   file=sys.stderr, flush=True)
         self.base_lrs = [g["lr"] for g in groups]
+        self.parts = list(rates)  # each optimiser group's part
         # what the effective scores are read from (soco.scores.effective_score)
         self.score_params = [p for k, p in self.trained.items() if k.rsplit(".", 1)[1] in SCORE_PARTS]
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -189,10 +190,12 @@ class Trainer:
         if keep_params is not None:  # gradual pruning; the ramp's last step cuts to the budget
             self.prune(keep_params)
         factor = 1.0 if sched.stage == Stage.COARSE else s.refine_lr_factor
-        for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
+        factor_trains = sched.stage >= Stage[s.factor_from.upper()]
+        for group, base, part in zip(self.engine.optimizer.param_groups, self.base_lrs, self.parts):
             group["lr"] = base * factor
+            group[zero.IDLE] = part == "U" and not factor_trains  # Adam only counts its step
         for m in self.mods.values():  # U's gradient only from soco.factor_from on
-            m.factor_trains = sched.stage >= Stage[s.factor_from.upper()]
+            m.factor_trains = factor_trains
         ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
         # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
         # the same on every rank, so a resumed run draws what an uninterrupted one would
