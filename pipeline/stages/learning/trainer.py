@@ -138,10 +138,13 @@ class Trainer:
                 self.trained[k].copy_(v)
         return previous
 
-    def forward(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, ids: list[int], with_hidden: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(KL to the teacher, hidden-state distance to it, soft parameter count, deviation
-        from the unscaled spectrum) on the given windows."""
-        hidden = None if self.teacher_hidden is None else self.teacher_hidden[ids].to(self.device, torch.float32)
+        from the unscaled spectrum) on the given windows; without `with_hidden` the distance
+        is not computed (0): the held-out evaluation reads the KL alone."""
+        hidden = (None if self.teacher_hidden is None or not with_hidden
+                  else self.teacher_hidden[ids].to(self.device, torch.float32))
         # teacher row t and student logits at t both predict token t+1 of the window
         return self.engine(self.windows[ids].to(self.device), self.teacher["logp"][ids].to(self.device),
                            self.teacher["idx"][ids].to(self.device), hidden)
@@ -232,7 +235,7 @@ class Trainer:
         best scores when it is the best so far; training goes on from the raw iterates."""
         raw = self.swap_in(self.average.value()) if self.averaging else None
         with torch.no_grad():
-            hk = self.all_mean(float(self.forward(self.hold_ids[self.rank::self.world])[0]))
+            hk = self.all_mean(float(self.forward(self.hold_ids[self.rank::self.world], with_hidden=False)[0]))
         if self.schedule.after_holdout(hk):  # the hard network's best so far: its scores are the ones kept
             self.checkpoint(BEST_SCORES)
         if raw is not None:
