@@ -108,7 +108,7 @@ class IdleAwareAdam(torch.optim.Adam):
     the step counted, bit for bit what the full update would have left.
     """
 
-    def step(self, closure=None):  # noqa: D102 (Adam's)
+    def step(self, closure=None):
         groups = self.param_groups
         idle = [g for g in groups if g.get(IDLE)]
         for group in idle:
