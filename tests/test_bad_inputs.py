@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.cli import main
 from pipeline.config import load_config
