@@ -84,8 +84,8 @@ def child(folder: Path, out: Path, method: str, zero_stage: int, extra: dict) ->
     curve = None
     if learn:  # the training curve's ends: the loss terms a --soco option turns on are compared too
         from cluster.storage import Storage
-        from pipeline.stages.learning.scored_model import FINAL_SCORES
-        steps = json.loads(Storage(str(out)).tensor_metadata(FINAL_SCORES)["curve"])
+        from pipeline.stages.learning.scored_model import FINAL_SCORES, load_scores
+        steps = load_scores(Storage(str(out)), FINAL_SCORES)[2]
         curve = {"first": steps[0], "last": steps[-1]}
     print("RESULT " + json.dumps({"cuda": torch.cuda.is_available(), "seconds": time.perf_counter() - t0,
                                   "timings_s": report["timings_s"], "perplexity": report["perplexity"],
