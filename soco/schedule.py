@@ -22,8 +22,8 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    from the scores as they adapt. A pruned component's output is exactly zero and it never
    returns (its mask is 0). The last ramp step makes the final cut (the budget, every
    matrix keeping its minimum rank); then the hard network that will be saved trains on
-   until its held-out KL has not improved for `patience` evaluations (or `sparsify_steps`
-   in the stage), and the caller keeps the scores of its best held-out evaluation (of
+   until its held-out KL has not improved for `sparsify_patience` evaluations (`patience`
+   unless set; or `sparsify_steps` in the stage), and the caller keeps the scores of its best held-out evaluation (of
    the average of its iterates since the cut, soco/averaging.py, by default). No
    budget or sparsity term in this stage: the pruning schedule holds the count. Then DONE.
 
@@ -54,6 +54,7 @@ class ScheduleConfig:
     sparsify_steps: int = 100  # cap: the hard network's training usually stops earlier, on the held-out KL
     sparsify_ramp: int = 40  # steps of gradual pruning down to the budget; the rest train the hard network
     patience: int = 2  # held-out evaluations without improvement that end refinement, and the hard training
+    sparsify_patience: int = 0  # the same for the hard training alone (0: `patience`); its held-out KL is noisy
     deviation_weight: float = 0.0  # rho: weight of the scores' deviation from the unscaled spectrum, from refinement on
 
 
@@ -168,6 +169,6 @@ class ThreeStageSchedule:
         s.bad_evals = 0 if kl < s.frozen_best - 1e-4 else s.bad_evals + 1
         if best:
             s.frozen_best, s.best_step = kl, s.step
-        if s.stage == Stage.SPARSIFY and s.bad_evals >= self.cfg.patience:
+        if s.stage == Stage.SPARSIFY and s.bad_evals >= (self.cfg.sparsify_patience or self.cfg.patience):
             self._switch(Stage.DONE)
         return best

@@ -238,6 +238,24 @@ def test_schedule_switching_rules():
     u = ThreeStageSchedule(ScheduleConfig(sparsify_steps=2), ScheduleState(stage=Stage.SPARSIFY, step=10, stage_start=10))
     u.after_step(1.0, 1.0)
     assert u.after_step(1.0, 1.0) == Stage.DONE  # without early stopping: after sparsify_steps
+
+
+def test_sparsify_patience_is_the_hard_trainings_own():
+    """`sparsify_patience` ends the hard training after that many evaluations without
+    improvement, while refinement keeps `patience`; 0 falls back to `patience`."""
+    def hard(cfg: ScheduleConfig) -> ThreeStageSchedule:
+        return ThreeStageSchedule(cfg, ScheduleState(stage=Stage.SPARSIFY, step=10, stage_start=10, frozen_at=10))
+
+    for sparsify_patience, stops_after in ((0, 2), (4, 4), (1, 1)):
+        s = hard(ScheduleConfig(sparsify_steps=100, patience=2, sparsify_patience=sparsify_patience))
+        assert s.after_holdout(1.0)
+        for bad in range(1, stops_after + 1):
+            s.after_step(1.0, 1.0)
+            assert not s.after_holdout(1.0 + bad / 10)
+            assert s.stage == (Stage.DONE if bad == stops_after else Stage.SPARSIFY), (sparsify_patience, bad)
+    r = ThreeStageSchedule(ScheduleConfig(patience=2, sparsify_patience=5), ScheduleState(stage=Stage.REFINE))
+    r.after_holdout(1.0), r.after_holdout(1.1), r.after_holdout(1.2)
+    assert r.stage == Stage.SPARSIFY  # refinement stops on `patience`, not on the hard training's
     # the coarse stage ends after coarse_max_steps even above the budget
     t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
     t.after_step(200.0, 100.0)
