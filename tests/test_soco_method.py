@@ -238,6 +238,10 @@ def test_schedule_switching_rules():
     u = ThreeStageSchedule(ScheduleConfig(sparsify_steps=2), ScheduleState(stage=Stage.SPARSIFY, step=10, stage_start=10))
     u.after_step(1.0, 1.0)
     assert u.after_step(1.0, 1.0) == Stage.DONE  # without early stopping: after sparsify_steps
+    # the coarse stage ends after coarse_max_steps even above the budget
+    t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
+    t.after_step(200.0, 100.0)
+    assert t.after_step(200.0, 100.0) == Stage.REFINE
 
 
 def test_sparsify_patience_is_the_hard_trainings_own():
@@ -256,10 +260,6 @@ def test_sparsify_patience_is_the_hard_trainings_own():
     r = ThreeStageSchedule(ScheduleConfig(patience=2, sparsify_patience=5), ScheduleState(stage=Stage.REFINE))
     r.after_holdout(1.0), r.after_holdout(1.1), r.after_holdout(1.2)
     assert r.stage == Stage.SPARSIFY  # refinement stops on `patience`, not on the hard training's
-    # the coarse stage ends after coarse_max_steps even above the budget
-    t = ThreeStageSchedule(ScheduleConfig(coarse_max_steps=2))
-    t.after_step(200.0, 100.0)
-    assert t.after_step(200.0, 100.0) == Stage.REFINE
 
 
 def test_schedule_penalties_by_stage():
