@@ -25,8 +25,8 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    until its held-out KL has not improved for `sparsify_patience` evaluations (`patience`
    unless set; or `sparsify_steps` in the stage), and the caller keeps the scores of its
    best held-out evaluation (of the average of its iterates since the cut,
-   soco/averaging.py, by default). No
-   budget or sparsity term in this stage: the pruning schedule holds the count. Then DONE.
+   soco/averaging.py, by default). No budget or sparsity term in this stage: the pruning
+   schedule holds the count. Then DONE.
 
 After DONE the caller folds the kept components' scores into the factors.
 """

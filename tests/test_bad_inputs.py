@@ -286,7 +286,7 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.launcher=mpi", "soco.launcher must be"),
     ("soco.schedule.deviation_weight=-1", "soco.schedule.deviation_weight must be at least 0"),
     ("soco.schedule.patience=0", "soco.schedule.patience must be at least 1"),
-    ("soco.schedule.sparsify_patience=-1", "soco.schedule.sparsify_patience at least 0"),
+    ("soco.schedule.sparsify_patience=-1", "soco.schedule.sparsify_patience must be at least 0"),
     ("soco.factor_lr=-0.001", "soco.factor_lr must be a number of at least 0"),
     ("soco.factor_from=cut", "soco.factor_from must be one of coarse, refine, sparsify"),
     ("soco.gate=l0", "soco.gate must be one of magnitude, hard_concrete"),

@@ -99,10 +99,9 @@ class SocoConfig:
             raise UserError(f"soco.factor_lr must be a number of at least 0 (0 = U frozen), got {self.factor_lr!r}")
         if self.factor_from not in FACTOR_STAGES:
             raise UserError(f"soco.factor_from must be one of {', '.join(FACTOR_STAGES)}, got {self.factor_from!r}")
-        if self.schedule.patience < 1 or self.schedule.sparsify_patience < 0:
-            raise UserError(f"soco.schedule.patience must be at least 1 and soco.schedule.sparsify_patience at least 0 "
-                            f"(0 = patience), got {self.schedule.patience} and {self.schedule.sparsify_patience}")
-        for key in ("budget_weight", "sparsity_weight", "deviation_weight"):
+        if self.schedule.patience < 1:
+            raise UserError(f"soco.schedule.patience must be at least 1, got {self.schedule.patience}")
+        for key in ("budget_weight", "sparsity_weight", "deviation_weight", "sparsify_patience"):
             if getattr(self.schedule, key) < 0:
                 raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")
         if self.hidden_layers < 0:
