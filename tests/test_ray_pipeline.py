@@ -162,3 +162,24 @@ def test_sweep_runs_as_ray_tasks_with_the_in_process_results(tmp_path, tiny_llam
     assert [r["adopted_stages"] for r in rows[2]] == ["", "calibrate"]
     for a, b in zip(rows[1], rows[2]):
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6) and a["achieved_ratio"] == b["achieved_ratio"]
+
+
+def test_ray_teacher_hidden_states_equal_single_process(both_paths, tiny_qwen2, ray_local):
+    """SoCo's hidden-state targets (soco.hidden_layers), computed by 3 Ray workers on uneven
+    shares of the calibration windows, are the one-process pass's, in window order."""
+    from cluster.executor import LocalExecutor, RayExecutor
+    from cluster.ray_runtime import RaySettings
+    from pipeline.stages.calibrate import WINDOWS_FILE
+    from pipeline.stages.learning.teacher import cache_hidden, load_hidden
+    root, _, _ = both_paths
+    stores = {}
+    for name, executor in (("local", LocalExecutor()), ("ray", RayExecutor(RaySettings(), group_size=3))):
+        (root / f"hidden-{name}" / "calib").mkdir(parents=True)
+        shutil.copy(root / "local" / WINDOWS_FILE, root / f"hidden-{name}" / WINDOWS_FILE)
+        stores[name] = Storage(str(root / f"hidden-{name}"))
+        with executor as ex:
+            assert ex.width(16) == (1 if name == "local" else 3)
+            cache_hidden(ex, str(tiny_qwen2), "float32", stores[name], [0, 2], 4, progress=False)
+    (la, ha), (lb, hb) = load_hidden(stores["local"]), load_hidden(stores["ray"])
+    assert la == lb == [0, 2] and ha.shape == hb.shape == (16, 2, 32, 64)
+    torch.testing.assert_close(hb.float(), ha.float(), rtol=1e-2, atol=1e-2)

@@ -5,7 +5,8 @@ and `calib/final-hidden` (from calibrate), the model's non-linear weights.
 Outputs:
   teacher/topk.safetensors      dense top-k log-probs (`logp`) and ids (`idx`) per token
   teacher/hidden.safetensors    with soco.hidden_layers: the dense outputs of the distilled
-                                decoder layers (`hidden`, bfloat16, [windows, layers, tokens, d])
+                                decoder layers (`hidden`, bfloat16, [windows, layers, tokens, d]),
+                                from a layer-by-layer dense pass on the executor's workers
   scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
                                 and `<module>.mask` (0 = pruned by sparsification's gradual
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cluster.executor import Executor
 from cluster.storage import Storage
 from soco.objective import distilled_layers
 
@@ -57,9 +59,11 @@ def load_layer_learned(store: Storage, i: int) -> dict[str, dict[str, torch.Tens
 
 
 def run_learn(cfg: Config, source: ModelSource, store: Storage, plan: Plan, dtype: torch.dtype, layers_name: str,
-              n_layers: int, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+              n_layers: int, executor: Executor, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Teacher cache -> ZeRO training (Ray Train workers, or in-process) -> selection -> fold.
 
+    The dense pass for hidden-state targets runs on the `executor`'s workers, which are then
+    released: idle calibration workers would hold the CPUs the trainers need.
     With `resume` (the stage was interrupted with the same inputs) training continues from
     the last score checkpoint; otherwise earlier scores and teacher targets are discarded.
     """
@@ -70,8 +74,9 @@ def run_learn(cfg: Config, source: ModelSource, store: Storage, plan: Plan, dtyp
     if not store.exists(TEACHER_FILE):
         cache_teacher(source, store, cfg.soco.topk, dtype)
     if cfg.soco.hidden_layers and not store.exists(HIDDEN_FILE):
-        cache_hidden(worker_location(cfg.model), cfg.run.dtype, store,
+        cache_hidden(executor, worker_location(cfg.model), cfg.run.dtype, store,
                      distilled_layers(n_layers, cfg.soco.hidden_layers), cfg.data.batch_size, progress)
+    executor.release()
     if cfg.data.calib_samples - cfg.soco.holdout_samples < 1:
         raise UserError("soco.holdout_samples must leave at least one calibration window for training")
     job = learn_job(cfg, plan, store, resume=resume, progress=progress)
@@ -95,6 +100,5 @@ class Learn(Stage):
 
     def run(self, ctx: StageContext) -> None:
         from .decompose import FACTORS_PLAN
-        ctx.executor.release()  # idle calibration/evaluation workers would hold the CPUs the trainers need
         run_learn(ctx.cfg, ctx.source, ctx.store, Plan.from_json(ctx.store.read_json(FACTORS_PLAN)), ctx.dtype,
-                  ctx.layers_name, ctx.n_layers, ctx.progress, resume=ctx.resume)
+                  ctx.layers_name, ctx.n_layers, ctx.executor, ctx.progress, resume=ctx.resume)

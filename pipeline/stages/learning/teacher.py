@@ -13,13 +13,14 @@ import json
 import torch
 from tqdm.auto import tqdm
 
+from cluster.executor import Executor
 from cluster.storage import Storage
 from soco.objective import teacher_topk
 
 from ...layerwise import Batch, LayerwiseModel
 from ...model_io import ModelSource, build_skeleton
 from ..calibrate import FINAL_HIDDEN_FILE, WINDOWS_FILE
-from ..shares import WindowShare
+from ..shares import WindowShare, split_windows
 
 TEACHER_FILE = "teacher/topk.safetensors"
 HIDDEN_FILE = "teacher/hidden.safetensors"
@@ -44,21 +45,46 @@ def cache_teacher(source: ModelSource, store: Storage, k: int, dtype: torch.dtyp
     store.save_tensors(TEACHER_FILE, {"logp": logp, "idx": idx})
 
 
-@torch.no_grad()
-def cache_hidden(location: str, dtype_name: str, store: Storage, layers: list[int], batch_size: int,
-                 progress: bool = True) -> None:
+class HiddenShare(WindowShare):
+    """A share of the calibration windows, advanced through the dense model layer by layer
+    (as calibrate's shares are), that keeps its outputs of the distilled layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def advance(self, i: int, keep: bool) -> None:
+        """Run the share through layer i; keep its output if layer i is distilled."""
+        self.forward(i)
+        if keep:
+            self.kept.append(self.final_hidden().to(HIDDEN_DTYPE))
+
+    def stacked(self) -> torch.Tensor:
+        """This share's kept outputs, [share, distilled layers, tokens, d] (empty for an empty share)."""
+        return torch.stack(self.kept, dim=1) if self.batches else torch.empty(0)
+
+    def commit(self, run_url: str, layers: list[int], *parts: torch.Tensor) -> None:
+        """Every share's kept outputs, in window order, as the targets file."""
+        Storage(run_url).save_tensors(HIDDEN_FILE, {"hidden": torch.cat([p for p in parts if p.numel()])},
+                                      {"layers": json.dumps(layers)})
+
+
+def cache_hidden(executor: Executor, location: str, dtype_name: str, store: Storage, layers: list[int],
+                 batch_size: int, progress: bool = True) -> None:
     """The dense model's outputs of decoder `layers` on the calibration windows: one more
-    layer-by-layer pass of the dense model, as calibrate's (pipeline/stages/shares.py), stopped
-    at the deepest layer asked for."""
+    layer-by-layer pass of the dense model over shares of the windows, on the executor's
+    workers as calibrate's is (one share in process), stopped at the deepest layer asked for.
+    The shares' outputs go worker to worker into the file, never through the driver."""
     windows = store.load_tensors(WINDOWS_FILE)["windows"]
-    share = WindowShare()
-    share.load(location, False, dtype_name, windows, batch_size)
-    kept = []
-    for i in tqdm(range(max(layers) + 1), desc="learn: teacher hidden states", unit="layer", disable=not progress):
-        share.forward(i)
-        if i in layers:
-            kept.append(share.final_hidden().to(HIDDEN_DTYPE))
-    store.save_tensors(HIDDEN_FILE, {"hidden": torch.stack(kept, dim=1)}, {"layers": json.dumps(layers)})
+    n = executor.width(windows.shape[0])
+    with executor.group(HiddenShare, n) as shares:
+        shares.get(shares.each("load", [(location, False, dtype_name, part, batch_size)
+                                        for part in split_windows(windows, n)]))
+        desc = "learn: teacher hidden states" + (f" ({n} workers)" if n > 1 else "")
+        for i in tqdm(range(max(layers) + 1), desc=desc, unit="layer", disable=not progress):
+            shares.get(shares.all("advance", i, i in layers))
+        shares.get(shares.one(0, "commit", store.worker_url(), layers, *shares.all("stacked")))
 
 
 def load_hidden(store: Storage) -> tuple[list[int], torch.Tensor]:
