@@ -38,7 +38,7 @@ from cluster.storage import Storage
 
 from ..model_io import linear_names, worker_location
 from .base import Stage, StageContext
-from .shares import WindowShare, split_windows
+from .shares import WindowShare, join_shares, split_windows
 
 WINDOWS_FILE = "calib/windows.safetensors"
 #: hidden states of all calibration windows at the input of layer `next_layer` (metadata),
@@ -160,7 +160,7 @@ class CalibrationShare(WindowShare):
 
     def save_resume(self, run_url: str, next_layer: int, *hidden: torch.Tensor) -> None:
         """Commit every share's hidden states at the input of `next_layer` (one file)."""
-        Storage(run_url).save_tensors(RESUME_FILE, {"hidden": torch.cat([h for h in hidden if h.numel()])},
+        Storage(run_url).save_tensors(RESUME_FILE, {"hidden": join_shares(hidden)},
                                       {"next_layer": str(next_layer)})
 
     def restore(self, run_url: str, first: int) -> None:
@@ -173,7 +173,7 @@ class CalibrationShare(WindowShare):
     def commit_extras(self, run_url: str, windows: torch.Tensor, *hidden: torch.Tensor) -> None:
         store = Storage(run_url)
         store.save_tensors(WINDOWS_FILE, {"windows": windows})
-        store.save_tensors(FINAL_HIDDEN_FILE, {"hidden": torch.cat([h for h in hidden if h.numel()])})
+        store.save_tensors(FINAL_HIDDEN_FILE, {"hidden": join_shares(hidden)})
 
 
 class Calibrate(Stage):

@@ -49,6 +49,12 @@ class WindowShare:
         return self.lw.nll(self.batches, self.windows)
 
 
+def join_shares(parts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """The shares' tensors (`final_hidden` and the like) joined in window order; an empty
+    share's empty tensor has no shape to join, so it is left out."""
+    return torch.cat([p for p in parts if p.numel()])
+
+
 def split_windows(windows: torch.Tensor, n: int) -> list[torch.Tensor]:
     """n contiguous shares (the first ones one window larger when n does not divide)."""
     return [s.contiguous() for s in torch.tensor_split(windows, n)]

@@ -20,7 +20,7 @@ from soco.objective import teacher_topk
 from ...layerwise import Batch, LayerwiseModel
 from ...model_io import ModelSource, build_skeleton
 from ..calibrate import FINAL_HIDDEN_FILE, WINDOWS_FILE
-from ..shares import WindowShare, split_windows
+from ..shares import WindowShare, join_shares, split_windows
 
 TEACHER_FILE = "teacher/topk.safetensors"
 HIDDEN_FILE = "teacher/hidden.safetensors"
@@ -66,7 +66,7 @@ class HiddenShare(WindowShare):
 
     def commit(self, run_url: str, layers: list[int], *parts: torch.Tensor) -> None:
         """Every share's kept outputs, in window order, as the targets file."""
-        Storage(run_url).save_tensors(HIDDEN_FILE, {"hidden": torch.cat([p for p in parts if p.numel()])},
+        Storage(run_url).save_tensors(HIDDEN_FILE, {"hidden": join_shares(parts)},
                                       {"layers": json.dumps(layers)})
 
 
