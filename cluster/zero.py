@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,19 @@ def _select_accelerator() -> None:
     """Tell DeepSpeed which accelerator to use before it is imported (it guesses, and warns,
     otherwise); called by every function here that imports it, not at import of this module."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+
+#: torch 2.13 deprecates two collectives that DeepSpeed's ZeRO calls at every step. The
+#: warning is not shown once but at every call (any `warnings.catch_warnings` block resets
+#: Python's once-per-place record), four lines a step in a learn log; it is DeepSpeed's to
+#: mend, so only these two messages are silenced.
+DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
+def _silence_deprecated_collectives() -> None:
+    """Ignore torch's deprecation warning for the collectives DeepSpeed calls (above), in this
+    process (every ZeRO rank calls init_distributed)."""
+    warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVES, category=FutureWarning)
 
 
 def ds_config(zero_stage: int, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -44,6 +58,7 @@ def init_distributed() -> int:
     """The process group DeepSpeed needs (Ray Train made it already; a single process outside
     Ray Train gets a one-rank group on loopback); returns the world size."""
     _select_accelerator()
+    _silence_deprecated_collectives()
     import deepspeed
     import torch.distributed as dist
     launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
