@@ -18,6 +18,22 @@ def test_default_config_loads():
     assert cfg.model == "bundled:smollm2-135m" and cfg.compress.method == "svd-llm"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    """Every config the README points to parses and validates (a sweep through its runs)."""
+    from pipeline.sweep import load_sweep
+    if path.name.startswith("sweep"):
+        assert load_sweep(str(path)).runs
+    else:
+        assert load_config(str(path)).output
+
+
+def test_levers_config_sets_the_measured_levers():
+    soco = load_config(str(ROOT / "configs" / "soco-levers.yaml")).soco
+    assert (soco.factor_lr, soco.factor_from, soco.hidden_layers, soco.hidden_weight) == (1e-4, "sparsify", 4, 4.0)
+    assert (soco.schedule.sparsify_steps, soco.schedule.sparsify_patience, soco.max_steps) == (200, 4, 400)
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["compress.ratio=0.6", "data.seq_len=128", "compress.method=asvd"])
     assert cfg.compress.ratio == 0.6 and cfg.data.seq_len == 128 and cfg.compress.method == "asvd"
