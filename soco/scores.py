@@ -105,8 +105,8 @@ class ScoredLinear(nn.Module):
         self.hard = False  # True once pruning has started (apply_cut): gates are the mask
         self.gate_power = 1.0  # exponent of the soft gate (soft_gate), set from soco.gate_power
         self.gate = "magnitude"  # or "hard_concrete" (GATES), set from soco.gate
-        # whether U's gradient is computed (when U trains at all): off, U enters the forward
-        # detached and its gradient is not computed (soco.factor_from)
+        # whether the factors' gradients are computed (when U, or U and Vt, train at all): off,
+        # they enter the forward detached and their gradients are not computed (soco.factor_from)
         self.factor_trains = True
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
         self.last_deviation: torch.Tensor | None = None  # likewise (deviation())
@@ -157,11 +157,11 @@ class ScoredLinear(nn.Module):
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
         self.last_deviation = self.deviation() if self.measures_deviation else None
-        U = self.U if self.factor_trains else self.U.detach()
+        U, Vt = (self.U, self.Vt) if self.factor_trains else (self.U.detach(), self.Vt.detach())
         if self.kept is None:
-            Vt, multiplier = self.Vt, self.scale() * self.sigma * self.mask
+            multiplier = self.scale() * self.sigma * self.mask
         else:  # the pruned components are left out, not multiplied by 0 (their mask)
-            U, Vt, multiplier = U[:, self.kept], self.Vt[self.kept], (self.scale() * self.sigma)[self.kept]
+            U, Vt, multiplier = U[:, self.kept], Vt[self.kept], (self.scale() * self.sigma)[self.kept]
         h = torch.nn.functional.linear(x * self.in_scale, Vt)
         h = h * multiplier
         y = torch.nn.functional.linear(h, U) * self.out_scale

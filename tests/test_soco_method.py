@@ -434,21 +434,27 @@ def test_hard_concrete_gates_sample_in_training_and_fold_their_deterministic_val
     assert torch.equal(m(x), m(x)) and torch.equal(m.gates(), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
 
 
-def test_u_held_fixed_has_no_gradient_and_the_same_output():
-    """With factor_trains off, U enters the forward detached: the output is the same and U's
-    gradient is not computed at all (the steps before soco.factor_from)."""
+def test_factors_held_fixed_have_no_gradient_and_the_same_output():
+    """With factor_trains off, U and Vt enter the forward detached: the output is the same and
+    their gradients are not computed at all (the steps before soco.factor_from); on, both get
+    one, also once the pruned components have left the computation."""
     m, x = _scored(6, 5, 4), torch.randn(3, 5)
     m.U.requires_grad_(True)
+    m.Vt.requires_grad_(True)
     y_train = m(x)
     y_train.sum().backward()
-    assert m.U.grad is not None and m.U.grad.abs().sum() > 0
-    m.U.grad, m.factor_trains = None, False
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (m.U, m.Vt))
+    m.U.grad, m.Vt.grad, m.factor_trains = None, None, False
     apply_cut({"m": m}, {"m": torch.tensor([0, 2])})
     y_fixed = m(x)
     y_fixed.sum().backward()
-    assert m.U.grad is None and m.score.grad is not None
+    assert m.U.grad is None and m.Vt.grad is None and m.score.grad is not None
     m.factor_trains = True
-    assert torch.equal(m(x), y_fixed)
+    y_cut = m(x)
+    assert torch.equal(y_cut, y_fixed)
+    y_cut.sum().backward()
+    for p in (m.U.grad, m.Vt.grad.T):  # only the kept components' columns of U / rows of Vt
+        assert p[:, [0, 2]].abs().sum() > 0 and p[:, [1, 3]].abs().sum() == 0
 
 
 def _scored(m: int, n: int, k: int) -> ScoredLinear:

@@ -73,49 +73,60 @@ def test_zero2_prunes_by_fisher_like_zero3(tmp_path, tiny_llama, text_file):
     assert all(float(v.sum()) > 0 for k, v in saved.items() if k.endswith(".fisher"))
 
 
-def test_factor_lr_trains_u_and_the_checkpoint_holds_it(tmp_path, tiny_llama, text_file):
-    """soco.factor_lr trains every matrix's U with the scores: the final scores file holds the
-    trained U, it moved away from svd-llm's, and the learned factors fold exactly that U."""
+@pytest.mark.parametrize("factor_vt", [False, True])
+def test_factor_lr_trains_the_factors_and_the_checkpoint_holds_them(tmp_path, tiny_llama, text_file, factor_vt):
+    """soco.factor_lr trains every matrix's U with the scores (and its Vt with soco.factor_vt):
+    the final scores file holds what trained, it moved away from svd-llm's factors, what did
+    not train is neither saved nor changed, and the learned factors fold exactly those."""
     from cluster.storage import Storage
     from pipeline.stages.decompose import load_layer_factors
     from pipeline.stages.learn import load_layer_learned
     from soco.scores import fold
-    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3), progress=False)
+    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_vt=factor_vt),
+                      progress=False)
     assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
     store = Storage(str(tmp_path / "run"))
     saved, _, _ = _final_scores(tmp_path / "run")
     name = "model.layers.0.self_attn.q_proj"
-    factors = load_layer_factors(store, 0)["self_attn.q_proj"]
-    assert saved[f"{name}.U"].shape == factors["U"].shape
-    assert not torch.allclose(saved[f"{name}.U"], factors["U"].to(saved[f"{name}.U"].dtype))
+    factors = {k: v.float() for k, v in load_layer_factors(store, 0)["self_attn.q_proj"].items()}
+    trained = {"U": True, "Vt": factor_vt}
+    for part, trains in trained.items():
+        if trains:
+            assert saved[f"{name}.{part}"].shape == factors[part].shape
+            assert not torch.allclose(saved[f"{name}.{part}"], factors[part])
+        else:
+            assert f"{name}.{part}" not in saved
     keep = torch.nonzero(saved[f"{name}.mask"] > 0).flatten()
-    U, sigma, Vt = fold(saved[f"{name}.U"], factors["sigma"].to(torch.float32), factors["Vt"].to(torch.float32),
+    U, sigma, Vt = fold(saved[f"{name}.U"], factors["sigma"], saved.get(f"{name}.Vt", factors["Vt"]),
                         saved[f"{name}.score"], keep)
     learned = load_layer_learned(store, 0)["self_attn.q_proj"]
     assert torch.allclose(learned["U"].float() @ torch.diag(learned["sigma"].float()) @ learned["Vt"].float(),
                           U @ torch.diag(sigma) @ Vt, atol=1e-5)
 
 
-def test_factor_from_sparsify_holds_u_until_the_pruning_starts(tmp_path, tiny_llama, text_file):
-    """soco.factor_from = sparsify: every checkpoint written before the sparsify stage holds
-    svd-llm's U unchanged (its gradient is not even computed), and U trains from there on."""
+def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_path, tiny_llama, text_file):
+    """soco.factor_from = sparsify (with U and Vt trained): every checkpoint written before the
+    sparsify stage holds svd-llm's factors unchanged (their gradients are not even computed),
+    and both train from there on."""
     from cluster.storage import Storage
     from pipeline.stages.decompose import load_layer_factors
     from pipeline.stages.learning.scored_model import load_scores
     from soco.schedule import Stage
     compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_from="sparsify",
-                         checkpoint_every=1), progress=False)
+                         factor_vt=True, checkpoint_every=1), progress=False)
     store = Storage(str(tmp_path / "run"))
-    name, original = "model.layers.0.self_attn.q_proj", load_layer_factors(store, 0)["self_attn.q_proj"]["U"].float()
+    name, factors = "model.layers.0.self_attn.q_proj", load_layer_factors(store, 0)["self_attn.q_proj"]
     stages = []
     for rel in sorted(f"scores/{n}" for n in store.listdir("scores") if n.startswith("step-")):
         saved, state, _ = load_scores(store, rel)
         stages.append(state.stage)
-        if state.stage < Stage.SPARSIFY:  # the next step is still before sparsify: U untouched
-            assert torch.equal(saved[f"{name}.U"], original)
+        if state.stage < Stage.SPARSIFY:  # the next step is still before sparsify: factors untouched
+            for part in ("U", "Vt"):
+                assert torch.equal(saved[f"{name}.{part}"], factors[part].float())
     assert Stage.COARSE in stages and Stage.REFINE in stages and max(stages) >= Stage.SPARSIFY
     final, _, _ = _final_scores(tmp_path / "run")
-    assert not torch.allclose(final[f"{name}.U"], original)
+    for part in ("U", "Vt"):
+        assert not torch.allclose(final[f"{name}.{part}"], factors[part].float())
 
 
 def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_llama, text_file):

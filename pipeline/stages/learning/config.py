@@ -14,6 +14,8 @@ from ...errors import UserError
 EXECUTION_ONLY = {"execution_only": True}
 #: the stages soco.factor_from may name (soco.schedule.Stage, lower case)
 FACTOR_STAGES = ("coarse", "refine", "sparsify")
+#: the trained parts that are factors (soco.factor_lr, soco.factor_vt): held fixed before soco.factor_from
+FACTOR_PARTS = ("U", "Vt")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class SocoConfig:
     # its gradient is not computed (Adam still steps U's group, with a zero gradient). From
     # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
     factor_from: str = "coarse"
+    # also train every matrix's Vt (its components' input directions) with U, at factor_lr and
+    # from factor_from on: both sides of each kept component adapt, as in SVD-LLM's update of
+    # both factors (a second full copy of the factors' gradients and Adam moments)
+    factor_vt: bool = False
     # distil the outputs of this many decoder layers too (spread over depth, the last among
     # them: soco.objective.distilled_layers), by their per-token relative squared error to the
     # dense model's; 0 = the logits alone. Costs one more dense pass over the calibration
@@ -75,6 +81,8 @@ class SocoConfig:
             rates |= {"in_scale": self.scale_lr, "out_scale": self.scale_lr}
         if self.factor_lr > 0:
             rates["U"] = self.factor_lr
+            if self.factor_vt:
+                rates["Vt"] = self.factor_lr
         if self.gate == "hard_concrete":
             rates["log_alpha"] = self.gate_lr
         return rates
@@ -97,6 +105,8 @@ class SocoConfig:
             raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {self.average_decay}")
         if isinstance(self.factor_lr, bool) or not isinstance(self.factor_lr, (int, float)) or self.factor_lr < 0:
             raise UserError(f"soco.factor_lr must be a number of at least 0 (0 = U frozen), got {self.factor_lr!r}")
+        if self.factor_vt and not self.factor_lr > 0:
+            raise UserError("soco.factor_vt trains Vt at soco.factor_lr: set soco.factor_lr above 0")
         if self.factor_from not in FACTOR_STAGES:
             raise UserError(f"soco.factor_from must be one of {', '.join(FACTOR_STAGES)}, got {self.factor_from!r}")
         if self.schedule.patience < 1:

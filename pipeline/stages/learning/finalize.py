@@ -52,8 +52,9 @@ def final_keep(saved: dict[str, torch.Tensor], state: ScheduleState, plan: Plan,
 def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
                   layers_name: str, n_layers: int) -> dict[str, float]:
     """learned/ files: each layer's kept components with s * sigma and the channel scales folded
-    in (s times the hard-concrete gates' deterministic value with those gates), U as trained
-    when soco.factor_lr trained it (hard-on components exactly as trained). Returns each matrix's out-of-order share."""
+    in (s times the hard-concrete gates' deterministic value with those gates), U (and Vt) as
+    trained when soco.factor_lr (and soco.factor_vt) trained them (hard-on components exactly
+    as trained). Returns each matrix's out-of-order share."""
     shares = {}
     for i in range(n_layers):
         out = {}
@@ -61,7 +62,7 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
             full = f"{layers_name}.{i}.{name}"
             k = keep[full]
             out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = fold(
-                saved.get(f"{full}.U", f["U"]), f["sigma"], f["Vt"],
+                saved.get(f"{full}.U", f["U"]), f["sigma"], saved.get(f"{full}.Vt", f["Vt"]),
                 effective_score(saved[f"{full}.score"], saved.get(f"{full}.log_alpha")), k,
                 saved.get(f"{full}.in_scale"), saved.get(f"{full}.out_scale"))
             shares[full] = out_of_order_share(f["sigma"], k)

@@ -25,6 +25,7 @@ from soco.scores import active_params, apply_cut, scored_modules
 
 from ...model_io import ModelSource, find_layers
 from ..calibrate import WINDOWS_FILE
+from .config import FACTOR_PARTS
 from .job import LearnJob
 from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, latest_checkpoint,
                            load_scores, save_scores, saved_keep, trained_tensors)
@@ -196,8 +197,8 @@ class Trainer:
         factor_trains = sched.stage >= Stage[s.factor_from.upper()]
         for group, base, part in zip(self.engine.optimizer.param_groups, self.base_lrs, self.parts):
             group["lr"] = base * factor
-            group[zero.IDLE] = part == "U" and not factor_trains  # Adam only counts its step
-        for m in self.mods.values():  # U's gradient only from soco.factor_from on
+            group[zero.IDLE] = part in FACTOR_PARTS and not factor_trains  # Adam only counts its step
+        for m in self.mods.values():  # the factors' gradients only from soco.factor_from on
             m.factor_trains = factor_trains
         ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
         # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
