@@ -71,9 +71,27 @@ def effective_score(score: torch.Tensor, log_alpha: torch.Tensor | None) -> torc
     return score if log_alpha is None else score * hard_concrete_mean(log_alpha)
 
 
+def trained_vt(Vt: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """Vt + diag(|row|) delta: the trained input factor, its change counted in units of each
+    row's norm (Vt itself when nothing trained it, `delta` None).
+
+    Vt's rows are whitened directions mapped back through the inverse Cholesky factor, so their
+    sizes differ by orders of magnitude between matrices and components (SmolLM2: rms 0.001 in
+    down_proj, 0.1 in a first-layer o_proj), while U's columns are unit vectors. An Adam step
+    moves every entry by about the learning rate, so on Vt itself one rate would be a 10% change
+    of some rows and 0.1% of others; on `delta` it is the same relative change of every row, as
+    it is of every column of U.
+    """
+    if delta is None:
+        return Vt
+    Vt = Vt.to(delta.dtype)
+    return Vt + Vt.norm(dim=1, keepdim=True) * delta
+
+
 class ScoredLinear(nn.Module):
     """y = out * (((in * x) Vt^T) * (s * sigma * mask)) U^T (+ b); `score` trains, and the
-    channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on
+    channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on,
+    U with soco.factor_lr and Vt's change `vt_delta` (trained_vt) with soco.factor_vt
     (s times the hard-concrete gates' z with `gate = "hard_concrete"`; `log_alpha` trains).
 
     `mask` (a buffer) marks the components pruned (0): they contribute exactly nothing.
@@ -83,7 +101,8 @@ class ScoredLinear(nn.Module):
     candidates did.
     """
 
-    def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None,
+                 trains_vt: bool = False) -> None:
         super().__init__()
         self.out_features, self.rank = U.shape
         self.in_features = Vt.shape[1]
@@ -98,6 +117,10 @@ class ScoredLinear(nn.Module):
         self.out_scale = nn.Parameter(torch.ones(self.out_features, dtype=U.dtype), requires_grad=False)
         # hard-concrete gates' log alpha (trained only with soco.gate = hard_concrete)
         self.log_alpha = nn.Parameter(torch.full((self.rank,), HC_INIT, dtype=U.dtype), requires_grad=False)
+        # the trained change of Vt (trained_vt), only with soco.factor_vt: a tensor of Vt's size,
+        # which the default does not allocate (None)
+        self.register_parameter("vt_delta", nn.Parameter(torch.zeros_like(Vt), requires_grad=False)
+                                if trains_vt else None)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
         # indices of the unpruned components once a cut is made (None: all of them); not saved,
         # it follows from the mask
@@ -105,8 +128,8 @@ class ScoredLinear(nn.Module):
         self.hard = False  # True once pruning has started (apply_cut): gates are the mask
         self.gate_power = 1.0  # exponent of the soft gate (soft_gate), set from soco.gate_power
         self.gate = "magnitude"  # or "hard_concrete" (GATES), set from soco.gate
-        # whether the factors' gradients are computed (when U, or U and Vt, train at all): off,
-        # they enter the forward detached and their gradients are not computed (soco.factor_from)
+        # whether the factors' gradients are computed (when U, or U and vt_delta, train at all):
+        # off, they enter the forward detached and their gradients are not computed (soco.factor_from)
         self.factor_trains = True
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
         self.last_deviation: torch.Tensor | None = None  # likewise (deviation())
@@ -153,15 +176,24 @@ class ScoredLinear(nn.Module):
         energy = self.sigma.detach() ** 2
         return (self.mask * energy * (self.effective_score() - 1.0) ** 2).sum() / energy.sum().clamp_min(1e-30)
 
+    def input_factor(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Vt (its `rows`, or all), shifted by the trained change with soco.factor_vt; that change
+        is detached while the factors are held fixed (factor_trains off)."""
+        Vt = self.Vt if rows is None else self.Vt[rows]
+        if self.vt_delta is None:
+            return Vt
+        delta = self.vt_delta if rows is None else self.vt_delta[rows]
+        return trained_vt(Vt, delta if self.factor_trains else delta.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
         self.last_deviation = self.deviation() if self.measures_deviation else None
-        U, Vt = (self.U, self.Vt) if self.factor_trains else (self.U.detach(), self.Vt.detach())
+        U = self.U if self.factor_trains else self.U.detach()
         if self.kept is None:
-            multiplier = self.scale() * self.sigma * self.mask
+            Vt, multiplier = self.input_factor(), self.scale() * self.sigma * self.mask
         else:  # the pruned components are left out, not multiplied by 0 (their mask)
-            U, Vt, multiplier = U[:, self.kept], Vt[self.kept], (self.scale() * self.sigma)[self.kept]
+            U, Vt, multiplier = U[:, self.kept], self.input_factor(self.kept), (self.scale() * self.sigma)[self.kept]
         h = torch.nn.functional.linear(x * self.in_scale, Vt)
         h = h * multiplier
         y = torch.nn.functional.linear(h, U) * self.out_scale
@@ -172,7 +204,7 @@ class ScoredLinear(nn.Module):
 
         The same fold as the learned files (`fold`), its magnitudes split as sqrt on both sides.
         """
-        U, sigma, Vt = fold(self.U.detach(), (self.sigma * self.mask).detach(), self.Vt.detach(),
+        U, sigma, Vt = fold(self.U.detach(), (self.sigma * self.mask).detach(), self.input_factor().detach(),
                             self.effective_score().detach(), keep, self.in_scale.detach(), self.out_scale.detach())
         root = sigma.sqrt()
         return (U * root[None, :]).contiguous(), (root[:, None] * Vt).contiguous()

@@ -9,7 +9,8 @@ from soco.decompose import svd_factors
 from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, distilled_layers, hidden_distance, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
-from soco.scores import ScoredLinear, active_params, apply_cut, exact_count, fold, scored_modules, soft_count
+from soco.scores import (ScoredLinear, active_params, apply_cut, exact_count, fold, scored_modules, soft_count,
+                         trained_vt)
 
 
 def _tiny_scored_model(tiny_llama):
@@ -435,29 +436,45 @@ def test_hard_concrete_gates_sample_in_training_and_fold_their_deterministic_val
 
 
 def test_factors_held_fixed_have_no_gradient_and_the_same_output():
-    """With factor_trains off, U and Vt enter the forward detached: the output is the same and
-    their gradients are not computed at all (the steps before soco.factor_from); on, both get
-    one, also once the pruned components have left the computation."""
-    m, x = _scored(6, 5, 4), torch.randn(3, 5)
+    """With factor_trains off, U and Vt's change enter the forward detached: the output is the
+    same and their gradients are not computed at all (the steps before soco.factor_from); on,
+    both get one, also once the pruned components have left the computation, and only on the
+    kept components' columns of U and rows of Vt's change."""
+    m, x = _scored(6, 5, 4, trains_vt=True), torch.randn(3, 5)
     m.U.requires_grad_(True)
-    m.Vt.requires_grad_(True)
+    m.vt_delta.requires_grad_(True)
     y_train = m(x)
     y_train.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (m.U, m.Vt))
-    m.U.grad, m.Vt.grad, m.factor_trains = None, None, False
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (m.U, m.vt_delta))
+    m.U.grad, m.vt_delta.grad, m.factor_trains = None, None, False
     apply_cut({"m": m}, {"m": torch.tensor([0, 2])})
     y_fixed = m(x)
     y_fixed.sum().backward()
-    assert m.U.grad is None and m.Vt.grad is None and m.score.grad is not None
+    assert m.U.grad is None and m.vt_delta.grad is None and m.score.grad is not None
     m.factor_trains = True
     y_cut = m(x)
     assert torch.equal(y_cut, y_fixed)
     y_cut.sum().backward()
-    for p in (m.U.grad, m.Vt.grad.T):  # only the kept components' columns of U / rows of Vt
-        assert p[:, [0, 2]].abs().sum() > 0 and p[:, [1, 3]].abs().sum() == 0
+    for g in (m.U.grad, m.vt_delta.grad.T):
+        assert g[:, [0, 2]].abs().sum() > 0 and g[:, [1, 3]].abs().sum() == 0
 
 
-def _scored(m: int, n: int, k: int) -> ScoredLinear:
+def test_vt_change_is_relative_to_each_rows_norm():
+    """Vt's trained change is counted in units of its row's norm: zero changes nothing (the
+    same output as a matrix that does not train Vt, which allocates no change at all), and the
+    same change moves a row 100 times its size by 100 times as much (trained_vt)."""
+    torch.manual_seed(0)
+    plain = _scored(6, 5, 4)
+    torch.manual_seed(0)
+    shifted, x = _scored(6, 5, 4, trains_vt=True), torch.randn(3, 5)
+    assert plain.vt_delta is None and torch.equal(plain(x), shifted(x))
+    Vt = torch.tensor([[3.0, 4.0], [0.03, 0.04]])
+    moved = trained_vt(Vt, torch.full((2, 2), 0.1)) - Vt
+    assert torch.allclose(moved, torch.tensor([[0.5, 0.5], [0.005, 0.005]]))
+    assert trained_vt(Vt, None) is Vt
+
+
+def _scored(m: int, n: int, k: int, trains_vt: bool = False) -> ScoredLinear:
     """A ScoredLinear over the top-k SVD factors of a random m x n matrix (float32)."""
     f = svd_factors(torch.randn(m, n, dtype=torch.float64))
-    return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float())
+    return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float(), trains_vt=trains_vt)

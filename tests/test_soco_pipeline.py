@@ -89,16 +89,15 @@ def test_factor_lr_trains_the_factors_and_the_checkpoint_holds_them(tmp_path, ti
     saved, _, _ = _final_scores(tmp_path / "run")
     name = "model.layers.0.self_attn.q_proj"
     factors = {k: v.float() for k, v in load_layer_factors(store, 0)["self_attn.q_proj"].items()}
-    trained = {"U": True, "Vt": factor_vt}
-    for part, trains in trained.items():
-        if trains:
-            assert saved[f"{name}.{part}"].shape == factors[part].shape
-            assert not torch.allclose(saved[f"{name}.{part}"], factors[part])
-        else:
-            assert f"{name}.{part}" not in saved
+    assert saved[f"{name}.U"].shape == factors["U"].shape
+    assert not torch.allclose(saved[f"{name}.U"], factors["U"])
+    if factor_vt:  # Vt's change, in units of its rows' norms
+        assert saved[f"{name}.vt_delta"].shape == factors["Vt"].shape and saved[f"{name}.vt_delta"].abs().sum() > 0
+    else:
+        assert f"{name}.vt_delta" not in saved
     keep = torch.nonzero(saved[f"{name}.mask"] > 0).flatten()
-    U, sigma, Vt = fold(saved[f"{name}.U"], factors["sigma"], saved.get(f"{name}.Vt", factors["Vt"]),
-                        saved[f"{name}.score"], keep)
+    Vt = factors["Vt"] if not factor_vt else factors["Vt"] + factors["Vt"].norm(dim=1, keepdim=True) * saved[f"{name}.vt_delta"]
+    U, sigma, Vt = fold(saved[f"{name}.U"], factors["sigma"], Vt, saved[f"{name}.score"], keep)
     learned = load_layer_learned(store, 0)["self_attn.q_proj"]
     assert torch.allclose(learned["U"].float() @ torch.diag(learned["sigma"].float()) @ learned["Vt"].float(),
                           U @ torch.diag(sigma) @ Vt, atol=1e-5)
@@ -121,12 +120,11 @@ def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_pat
         saved, state, _ = load_scores(store, rel)
         stages.append(state.stage)
         if state.stage < Stage.SPARSIFY:  # the next step is still before sparsify: factors untouched
-            for part in ("U", "Vt"):
-                assert torch.equal(saved[f"{name}.{part}"], factors[part].float())
+            assert torch.equal(saved[f"{name}.U"], factors["U"].float())
+            assert not saved[f"{name}.vt_delta"].any()
     assert Stage.COARSE in stages and Stage.REFINE in stages and max(stages) >= Stage.SPARSIFY
     final, _, _ = _final_scores(tmp_path / "run")
-    for part in ("U", "Vt"):
-        assert not torch.allclose(final[f"{name}.{part}"], factors[part].float())
+    assert not torch.allclose(final[f"{name}.U"], factors["U"].float()) and final[f"{name}.vt_delta"].any()
 
 
 def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_llama, text_file):
@@ -244,8 +242,8 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
 def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama, text_file, zero_stage):
     """Stopped after step 8 and resumed from that checkpoint (scores, schedule, Fisher, average
     and Adam's moments and step counts), the learn stage takes exactly the steps an
-    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical. U trains
-    from refinement on, so Adam has two parameter groups, the second started later."""
+    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical. U and
+    Vt's change train from refinement on, so Adam has three parameter groups, two started later."""
     from dataclasses import replace
 
     from cluster.storage import Storage
@@ -255,14 +253,15 @@ def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama,
     from pipeline.stages.learning.scored_model import load_scores
     from pipeline.stages.learning.trainer import train_worker
     knobs = dict(checkpoint_every=4, coarse_max_steps=3, refine_steps=20, eval_every=100, zero_stage=zero_stage,
-                 factor_lr=1e-3, factor_from="refine")
+                 factor_lr=1e-3, factor_from="refine", factor_vt=True)
     whole = soco_config(tiny_llama, tmp_path / "whole", text_file, max_steps=12, **knobs)
     run_compress(whole, progress=False)
     cut = soco_config(tiny_llama, tmp_path / "cut", text_file, max_steps=8, **knobs)
     run_compress(cut, progress=False)
     store = Storage(str(tmp_path / "cut"))
     saved8, _, _ = load_scores(store, "scores/step-000008.safetensors")
-    assert int(saved8["optimizer.step"][0]) == 8 and any(k.endswith(".U.exp_avg_sq") for k in saved8)
+    assert int(saved8["optimizer.step"][0]) == 8
+    assert all(any(k.endswith(f".{part}.exp_avg_sq") for k in saved8) for part in ("U", "vt_delta"))
     job = learn_job(cut, Plan.from_json(store.read_json("factors/plan.json")), store, resume=True, progress=False)
     train_worker({"job": replace(job, soco=replace(job.soco, max_steps=12))})
     a, state_a, curve_a = load_scores(Storage(str(tmp_path / "whole")), "scores/step-000012.safetensors")

@@ -15,7 +15,7 @@ EXECUTION_ONLY = {"execution_only": True}
 #: the stages soco.factor_from may name (soco.schedule.Stage, lower case)
 FACTOR_STAGES = ("coarse", "refine", "sparsify")
 #: the trained parts that are factors (soco.factor_lr, soco.factor_vt): held fixed before soco.factor_from
-FACTOR_PARTS = ("U", "Vt")
+FACTOR_PARTS = ("U", "vt_delta")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class SocoConfig:
     factor_from: str = "coarse"
     # also train every matrix's Vt (its components' input directions) with U, at factor_lr and
     # from factor_from on: both sides of each kept component adapt, as in SVD-LLM's update of
-    # both factors (a second full copy of the factors' gradients and Adam moments)
+    # both factors. Trained as a change in units of each row's norm (soco.scores.trained_vt),
+    # a tensor of Vt's size with its gradient and Adam moments.
     factor_vt: bool = False
     # distil the outputs of this many decoder layers too (spread over depth, the last among
     # them: soco.objective.distilled_layers), by their per-token relative squared error to the
@@ -82,7 +83,7 @@ class SocoConfig:
         if self.factor_lr > 0:
             rates["U"] = self.factor_lr
             if self.factor_vt:
-                rates["Vt"] = self.factor_lr
+                rates["vt_delta"] = self.factor_lr
         if self.gate == "hard_concrete":
             rates["log_alpha"] = self.gate_lr
         return rates

@@ -14,7 +14,7 @@ from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
 from soco.importance import FisherImportance, pruning_importance
 from soco.schedule import ScheduleState
-from soco.scores import effective_score, fold
+from soco.scores import effective_score, fold, trained_vt
 
 from ...plan import Plan
 from ..decompose import load_layer_factors
@@ -62,7 +62,7 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
             full = f"{layers_name}.{i}.{name}"
             k = keep[full]
             out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = fold(
-                saved.get(f"{full}.U", f["U"]), f["sigma"], saved.get(f"{full}.Vt", f["Vt"]),
+                saved.get(f"{full}.U", f["U"]), f["sigma"], trained_vt(f["Vt"], saved.get(f"{full}.vt_delta")),
                 effective_score(saved[f"{full}.score"], saved.get(f"{full}.log_alpha")), k,
                 saved.get(f"{full}.in_scale"), saved.get(f"{full}.out_scale"))
             shares[full] = out_of_order_share(f["sigma"], k)

@@ -1,7 +1,7 @@
 """The scored model (every planned linear a ScoredLinear over its factors) and its score checkpoints.
 
 A score checkpoint (scores/*.safetensors) holds the trained tensors as `<module>.score`
-(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it, `.Vt` with soco.factor_vt,
+(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it, `.vt_delta` with soco.factor_vt,
 `.log_alpha` with hard-concrete gates), `<module>.mask`, the Fisher importance
 and the iterate average (soco/importance.py, soco/averaging.py), with the schedule state and
 the training curve as JSON metadata (`state`, `curve`).
@@ -31,14 +31,16 @@ SCORE_PARTS = ("score", "log_alpha")
 
 
 def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
-                       partitioned: Callable[[], AbstractContextManager] | None = None) -> nn.Module:
+                       partitioned: Callable[[], AbstractContextManager] | None = None,
+                       trains_vt: bool = False) -> nn.Module:
     """The model with every planned linear replaced by a ScoredLinear over its factors.
 
     Built one layer at a time: the dense layer is read, its linears swapped for the
     factors, and the dense weights dropped, so peak memory is the factored model plus
     one dense layer. With `partitioned` (a context factory: cluster.zero.partitioned_init)
     the factors are partitioned across the ZeRO-3 ranks as each matrix is built, so a rank
-    holds its share of the factored model plus one dense layer.
+    holds its share of the factored model plus one dense layer. `trains_vt` (soco.factor_vt)
+    gives every matrix the trained change of its Vt.
     """
     model = build_skeleton(source.config, dtype)
     lw = LayerwiseModel(model, source, dtype)
@@ -51,7 +53,7 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
             lin = layer.get_submodule(name)
             bias = None if lin.bias is None else lin.bias.detach()
             with partitioned() if partitioned else contextlib.nullcontext():
-                scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias)
+                scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias, trains_vt)
             layer.set_submodule(name, scored)
     for p in model.parameters():
         p.requires_grad_(False)

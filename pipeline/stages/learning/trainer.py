@@ -60,7 +60,8 @@ class Trainer:
         micro_batch = s.batch_size // zero.init_distributed()
         self.model = build_scored_model(source, self.store, torch.float32,
                                         partitioned=lambda: zero.partitioned_init(s.zero_stage, micro_batch,
-                                                                                  torch.float32))
+                                                                                  torch.float32),
+                                        trains_vt=s.factor_vt)
         if s.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()  # HF recomputes layers only in training mode (these models have no dropout)
