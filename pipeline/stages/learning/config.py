@@ -41,7 +41,7 @@ class SocoConfig:
     # stored format already holds (U is stored anyway). 0 = U stays frozen (svd-llm's).
     factor_lr: float = 0.0
     # the stage from which U trains (coarse | refine | sparsify): before it U is held fixed and
-    # its gradient is not computed (Adam still steps U's group, with a zero gradient). From
+    # its gradient is not computed (Adam counts its steps but skips their update). From
     # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
     factor_from: str = "coarse"
     # also train every matrix's Vt (its components' input directions) with U, at factor_lr and

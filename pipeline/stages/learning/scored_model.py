@@ -1,8 +1,8 @@
 """The scored model (every planned linear a ScoredLinear over its factors) and its score checkpoints.
 
 A score checkpoint (scores/*.safetensors) holds the trained tensors as `<module>.score`
-(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it, `.vt_delta` with soco.factor_vt,
-`.log_alpha` with hard-concrete gates), `<module>.mask`, the Fisher importance
+(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it,
+`.vt_delta` with soco.factor_vt, `.log_alpha` with hard-concrete gates), `<module>.mask`, the Fisher importance
 and the iterate average (soco/importance.py, soco/averaging.py), with the schedule state and
 the training curve as JSON metadata (`state`, `curve`).
 """
