@@ -295,6 +295,7 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.hidden_layers=-1", "soco.hidden_layers must be at least 0"),
     ("soco.hidden_layers=1.5", "config key 'soco.hidden_layers' must be int"),
     ("soco.hidden_weight=-1", "soco.hidden_weight must be at least 0"),
+    ("soco.keep_checkpoints=-1", "soco.keep_checkpoints must be at least 0 (0 keeps every one), got -1"),
     ("soco.gate_lr=0", "soco.gate_lr must be above 0"),
     ("soco.refine_steps=3", "did you mean 'soco.schedule.refine_steps'"),
     ("soco.schedule.refine_stepz=3", "unknown config key 'soco.schedule.refine_stepz'"),

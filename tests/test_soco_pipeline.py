@@ -112,7 +112,7 @@ def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_pat
     from pipeline.stages.learning.scored_model import load_scores
     from soco.schedule import Stage
     compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_from="sparsify",
-                         factor_vt=True, checkpoint_every=1), progress=False)
+                         factor_vt=True, checkpoint_every=1, keep_checkpoints=0), progress=False)
     store = Storage(str(tmp_path / "run"))
     name, factors = "model.layers.0.self_attn.q_proj", load_layer_factors(store, 0)["self_attn.q_proj"]
     stages = []
@@ -215,13 +215,15 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     from dataclasses import replace
 
     from pipeline.stages.learning.job import learn_job
-    from pipeline.stages.learning.scored_model import latest_checkpoint, load_scores
+    from pipeline.stages.learning.scored_model import latest_checkpoint, load_scores, periodic_checkpoints
     from pipeline.stages.learning.trainer import train_worker
     from pipeline.plan import Plan
     cfg = soco_config(tiny_llama, tmp_path / "run", text_file, checkpoint_every=4, max_steps=9,
                       coarse_max_steps=3, refine_steps=20, eval_every=100)
     run_compress(cfg, progress=False)
     store = Storage(str(tmp_path / "run"))
+    # only the last periodic checkpoint stays (soco.keep_checkpoints = 1): step 4's was deleted
+    assert periodic_checkpoints(store) == ["scores/step-000008.safetensors"]
     assert latest_checkpoint(store) == "scores/step-000008.safetensors"
     scores8, state8, curve8 = load_scores(store, "scores/step-000008.safetensors")
     assert state8.step == 8 and len(curve8) == 8
@@ -233,6 +235,7 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     assert [e["step"] for e in curve] == list(range(1, 13))
     assert curve[:8] == curve8, "the resumed run keeps the history it resumed from"
     assert state.step == 12 and latest_checkpoint(store) == "scores/step-000012.safetensors"
+    assert periodic_checkpoints(store) == ["scores/step-000012.safetensors"]
     # the pruning importance (Fisher EMA) went on from the checkpoint's, not from zero
     scores12, _, _ = load_scores(store, "scores/step-000012.safetensors")
     assert int(scores8["fisher.steps"][0]) == 8 and int(scores12["fisher.steps"][0]) == 12

@@ -7,7 +7,8 @@ Outputs:
   teacher/hidden.safetensors    with soco.hidden_layers: the dense outputs of the distilled
                                 decoder layers (`hidden`, bfloat16, [windows, layers, tokens, d]),
                                 from a layer-by-layer dense pass on the executor's workers
-  scores/step-000020.safetensors score checkpoints: `<module>.score` tensors; metadata
+  scores/step-000020.safetensors score checkpoints every soco.checkpoint_every steps (the last
+                                soco.keep_checkpoints stay): `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
                                 and `<module>.mask` (0 = pruned by sparsification's gradual
                                 pruning; the last ramp step leaves exactly the final cut),

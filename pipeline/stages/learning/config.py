@@ -62,6 +62,7 @@ class SocoConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # stages, caps, patience, weights
     eval_every: int = 5  # steps between held-out KL evaluations
     checkpoint_every: int = field(default=20, metadata=EXECUTION_ONLY)  # steps between score checkpoints
+    keep_checkpoints: int = field(default=1, metadata=EXECUTION_ONLY)  # the last N periodic ones stay; 0 = all
     prune_by: str = "fisher"  # sparsification prunes the least important per parameter: fisher | score (|s|)
     fisher_decay: float = 0.9  # EMA decay of the Fisher importance estimate (soco/importance.py)
     average_decay: float = 0.9  # EMA of the pruned network's scores, evaluated and saved (soco/averaging.py); 0 = off
@@ -127,6 +128,8 @@ class SocoConfig:
             raise UserError(f"soco.gate_power must be in (0, 1], got {self.gate_power}")
         if self.launcher not in ("ray", "local"):
             raise UserError(f"soco.launcher must be 'ray' or 'local', got '{self.launcher}'")
+        if self.keep_checkpoints < 0:
+            raise UserError(f"soco.keep_checkpoints must be at least 0 (0 keeps every one), got {self.keep_checkpoints}")
         for key in ("batch_size", "workers", "topk", "eval_every", "checkpoint_every", "max_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"soco.{key} must be at least 1, got {getattr(self, key)}")

@@ -83,10 +83,25 @@ def load_scores(store: Storage, rel: str) -> tuple[dict[str, torch.Tensor], Sche
     return t, ScheduleState.from_dict(json.loads(meta["state"])), json.loads(meta["curve"])
 
 
+def periodic_checkpoints(store: Storage) -> list[str]:
+    """The periodic checkpoints (scores/step-NNNNNN.safetensors), oldest first."""
+    return [f"scores/{n}" for n in sorted(store.listdir("scores"))
+            if n.startswith("step-") and n.endswith(".safetensors")]
+
+
 def latest_checkpoint(store: Storage) -> str | None:
-    """The last periodic checkpoint (scores/step-NNNNNN.safetensors), if any."""
-    steps = sorted(n for n in store.listdir("scores") if n.startswith("step-") and n.endswith(".safetensors"))
-    return f"scores/{steps[-1]}" if steps else None
+    """The last periodic checkpoint, if any: where an interrupted learn stage goes on from."""
+    steps = periodic_checkpoints(store)
+    return steps[-1] if steps else None
+
+
+def drop_old_checkpoints(store: Storage, keep: int) -> None:
+    """Delete all but the last `keep` periodic checkpoints (0 keeps them all). With U trained
+    each one holds every candidate's U and its Adam moments (~1 GB at 135M, a full
+    fine-tune's state at 70B), so keeping every one fills a disk; resuming needs the last."""
+    if keep > 0:
+        for rel in periodic_checkpoints(store)[:-keep]:
+            store.rm(rel)
 
 
 def saved_keep(saved: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -27,8 +27,8 @@ from ...model_io import ModelSource, find_layers
 from ..calibrate import WINDOWS_FILE
 from .config import FACTOR_PARTS
 from .job import LearnJob
-from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, latest_checkpoint,
-                           load_scores, save_scores, saved_keep, trained_tensors)
+from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, drop_old_checkpoints,
+                           latest_checkpoint, load_scores, save_scores, saved_keep, trained_tensors)
 from .teacher import TEACHER_FILE, load_hidden
 
 
@@ -260,6 +260,8 @@ class Trainer:
                       + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
             if sched.state.step % self.soco.checkpoint_every == 0:
                 self.checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
+                if self.rank == 0:  # only once the new one is written (save_tensors renames it into place)
+                    drop_old_checkpoints(self.store, self.soco.keep_checkpoints)
         if sched.state.best_step <= 0:
             self.checkpoint(FINAL_SCORES)
         elif self.rank == 0:  # the hard network's best scores, with the whole curve and state
