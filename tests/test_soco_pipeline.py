@@ -109,14 +109,14 @@ def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_pat
     and both train from there on."""
     from cluster.storage import Storage
     from pipeline.stages.decompose import load_layer_factors
-    from pipeline.stages.learning.scored_model import load_scores
+    from pipeline.stages.learning.scored_model import load_scores, periodic_checkpoints
     from soco.schedule import Stage
     compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_from="sparsify",
                          factor_vt=True, checkpoint_every=1, keep_checkpoints=0), progress=False)
     store = Storage(str(tmp_path / "run"))
     name, factors = "model.layers.0.self_attn.q_proj", load_layer_factors(store, 0)["self_attn.q_proj"]
     stages = []
-    for rel in sorted(f"scores/{n}" for n in store.listdir("scores") if n.startswith("step-")):
+    for rel in periodic_checkpoints(store):
         saved, state, _ = load_scores(store, rel)
         stages.append(state.stage)
         if state.stage < Stage.SPARSIFY:  # the next step is still before sparsify: factors untouched
