@@ -41,7 +41,7 @@ class DataConfig:
 
 @dataclass
 class CompressConfig:
-    method: str = "svd-llm"  # a registered method (pipeline/methods): svd | asvd | svd-llm | soco
+    method: str = "svd-llm"  # a registered method (pipeline/methods): svd, asvd, svd-llm, soco, lorap, and each of the first four +mgaa
     ratio: float = 0.4  # fraction of the decoder's linear parameters removed
     asvd_alpha: float = 0.5
 
