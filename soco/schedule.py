@@ -26,12 +26,15 @@ Loss at every step: KL(teacher || student) + budget + sparsity, where with
    unless set; or `sparsify_steps` in the stage), and the caller keeps the scores of its
    best held-out evaluation (of the average of its iterates since the cut,
    soco/averaging.py, by default). No budget or sparsity term in this stage: the pruning
-   schedule holds the count. Then DONE.
+   schedule holds the count. With `hard_lr_end` below 1 the learning rates of that
+   training follow a cosine from their value at the cut down to `hard_lr_end` times it at
+   the stage's cap (`lr_factor`). Then DONE.
 
 After DONE the caller folds the kept components' scores into the factors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 
@@ -57,6 +60,7 @@ class ScheduleConfig:
     patience: int = 2  # held-out evaluations without improvement that end refinement, and the hard training
     sparsify_patience: int = 0  # the same for the hard training alone (0: `patience`); its held-out KL is noisy
     deviation_weight: float = 0.0  # rho: weight of the scores' deviation from the unscaled spectrum, from refinement on
+    hard_lr_end: float = 1.0  # learning-rate multiplier the hard training decays to by the sparsify cap (cosine; 1 = constant)
 
 
 @dataclass
@@ -105,6 +109,23 @@ class ThreeStageSchedule:
         if t > ramp:
             return None
         return budget + (candidates - budget) * (1.0 - t / ramp) ** 3
+
+    def lr_factor(self) -> float:
+        """Multiplier of the learning rates for the coming step: 1 until the final cut, then
+        end + (1 - end)(1 + cos(pi t)) / 2 with t the share of the hard training's room (the
+        cut to the sparsify stage's cap) already taken, end = `hard_lr_end`.
+
+        Why: at a constant step Adam keeps the hard network's scores and U moving at the
+        noise level of a 2-window batch, so its held-out KL wanders around a level instead of
+        settling; a step that shrinks toward the cap lets the last iterates settle into what
+        the earlier ones found. It depends on the schedule's state alone, so a resumed run
+        takes the steps an uninterrupted one would."""
+        s, end = self.state, self.cfg.hard_lr_end
+        if end == 1.0 or s.stage != Stage.SPARSIFY or s.frozen_at < 0:
+            return 1.0
+        room = max(1, s.stage_start + self.cfg.sparsify_steps - s.frozen_at)
+        t = min(1.0, (s.step - s.frozen_at) / room)
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def penalty(self, soft: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(budget term, sparsity term) for this stage."""

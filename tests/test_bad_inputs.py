@@ -287,6 +287,7 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.schedule.deviation_weight=-1", "soco.schedule.deviation_weight must be at least 0"),
     ("soco.schedule.patience=0", "soco.schedule.patience must be at least 1"),
     ("soco.schedule.sparsify_patience=-1", "soco.schedule.sparsify_patience must be at least 0"),
+    ("soco.schedule.hard_lr_end=1.5", "soco.schedule.hard_lr_end must be in [0, 1]"),
     ("soco.factor_lr=-0.001", "soco.factor_lr must be a number of at least 0"),
     ("soco.factor_from=cut", "soco.factor_from must be one of coarse, refine, sparsify"),
     ("soco.factor_vt=true", "soco.factor_vt trains Vt at soco.factor_lr: set soco.factor_lr above 0"),

@@ -263,6 +263,23 @@ def test_sparsify_patience_is_the_hard_trainings_own():
     assert r.stage == Stage.SPARSIFY  # refinement stops on `patience`, not on the hard training's
 
 
+def test_hard_lr_end_decays_the_hard_trainings_steps_by_a_cosine():
+    """`hard_lr_end` leaves every step before the final cut at 1, then follows a cosine from 1
+    at the cut to `hard_lr_end` at the sparsify stage's cap; 1 (the default) is constant."""
+    def at(step: int, end: float, stage: Stage = Stage.SPARSIFY, frozen_at: int = 20) -> float:
+        state = ScheduleState(stage=stage, step=step, stage_start=10, frozen_at=frozen_at)
+        return ThreeStageSchedule(ScheduleConfig(sparsify_steps=110, hard_lr_end=end), state).lr_factor()
+
+    assert at(50, 1.0) == 1.0  # the default: constant
+    assert at(15, 0.1, frozen_at=-1) == 1.0  # the ramp, before the final cut
+    assert at(5, 0.1, stage=Stage.REFINE, frozen_at=-1) == 1.0
+    assert at(20, 0.1) == pytest.approx(1.0)  # the cut; the room is 10 + 110 - 20 = 100 steps
+    assert at(70, 0.1) == pytest.approx(0.55)  # halfway: the mean of 1 and the end
+    assert at(120, 0.1) == pytest.approx(0.1) and at(130, 0.1) == pytest.approx(0.1)
+    values = [at(step, 0.0) for step in range(20, 121)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.0)
+
+
 def test_schedule_penalties_by_stage():
     s = ThreeStageSchedule(ScheduleConfig(budget_weight=2.0, sparsity_weight=0.5))
     soft = torch.tensor(110.0)

@@ -127,6 +127,23 @@ def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_pat
     assert not torch.allclose(final[f"{name}.U"], factors["U"].float()) and final[f"{name}.vt_delta"].any()
 
 
+def test_hard_lr_end_shrinks_the_steps_the_hard_training_takes(tmp_path, tiny_llama, text_file):
+    """soco.schedule.hard_lr_end: the optimiser's learning rates (the curve's lr_scale) are 1 in
+    the coarse stage and refine_lr_factor after it until the final cut, then fall at every step
+    to hard_lr_end times that at the sparsify stage's cap."""
+    compress(soco_config(tiny_llama, tmp_path / "run", text_file, hard_lr_end=0.1, sparsify_steps=8,
+                         sparsify_patience=100, factor_lr=1e-3, factor_from="sparsify"), progress=False)
+    _, state, curve = _final_scores(tmp_path / "run")
+    factor = 0.4  # soco.refine_lr_factor's default
+    cut = state.frozen_at  # the step (counted from 1) that made the final cut
+    assert state.boundaries[-1] - state.boundaries[-2] == 8, "ran to the sparsify stage's cap"
+    assert {e["lr_scale"] for e in curve if e["stage"] == 1} == {1.0}
+    assert {e["lr_scale"] for e in curve if e["stage"] > 1 and e["step"] <= cut} == {factor}
+    hard = [e["lr_scale"] for e in curve if e["step"] > cut]
+    assert len(hard) == 6 and all(a > b for a, b in zip(hard, hard[1:]))
+    assert factor * 0.1 < hard[-1] < factor * 0.2
+
+
 def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_llama, text_file):
     """soco.hidden_layers = 2: the cached targets are the dense model's own outputs of the
     chosen decoder layers on the calibration windows (its forward, not the layer-by-layer

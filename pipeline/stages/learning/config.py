@@ -116,6 +116,8 @@ class SocoConfig:
         for key in ("budget_weight", "sparsity_weight", "deviation_weight", "sparsify_patience"):
             if getattr(self.schedule, key) < 0:
                 raise UserError(f"soco.schedule.{key} must be at least 0, got {getattr(self.schedule, key)}")
+        if not 0.0 <= self.schedule.hard_lr_end <= 1.0:
+            raise UserError(f"soco.schedule.hard_lr_end must be in [0, 1] (1 = constant), got {self.schedule.hard_lr_end}")
         if self.hidden_layers < 0:
             raise UserError(f"soco.hidden_layers must be at least 0 (0 = off), got {self.hidden_layers}")
         if self.hidden_weight < 0:

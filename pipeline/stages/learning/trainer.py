@@ -194,7 +194,7 @@ class Trainer:
         keep_params = sched.prune_target(self.candidates, target)
         if keep_params is not None:  # gradual pruning; the ramp's last step cuts to the budget
             self.prune(keep_params)
-        factor = 1.0 if sched.stage == Stage.COARSE else s.refine_lr_factor
+        factor = (1.0 if sched.stage == Stage.COARSE else s.refine_lr_factor) * sched.lr_factor()
         factor_trains = sched.stage >= Stage[s.factor_from.upper()]
         for group, base, part in zip(self.engine.optimizer.param_groups, self.base_lrs, self.parts):
             group["lr"] = base * factor
@@ -220,6 +220,8 @@ class Trainer:
                 self.average.update(self.trained)
         entry = {"step": step + 1, "stage": int(stage_before), "kl": kl_v, "soft_count": soft_v,
                 "budget": float(budget.detach()),
+                # what the learning rates were multiplied by (refine_lr_factor, the hard training's decay)
+                "lr_scale": round(self.engine.optimizer.param_groups[0]["lr"] / self.base_lrs[0], 6),
                 # the step's own time against the multiply-adds per token of the scored matrices it computed
                 "step_s": round(time.perf_counter() - t_step, 3), "active_params": active_params(self.mods),
                 "seconds": round(time.perf_counter() - self.t0, 2)}
