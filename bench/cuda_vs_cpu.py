@@ -9,8 +9,9 @@ learn stage's time. Writes bench/results/cuda_vs_cpu-<method>.json (or into --ou
 
     python bench/cuda_vs_cpu.py [--method svd-llm|soco] [--zero-stage 2|3] [--soco KEY=VALUE ...] [--out DIR]
 
-`--soco KEY=VALUE` sets a soco option in both runs (e.g. `hidden_layers=2`, `factor_lr=1e-4`), so
-that a mechanism the default leaves off is checked on the GPU too; the file is then named
+`--soco KEY=VALUE` sets a soco option in both runs (e.g. `hidden_layers=2`, `factor_lr=1e-4`,
+`schedule.hard_lr_end=0.1`: a dotted key sets one field of a section), so that a mechanism the
+default leaves off is checked on the GPU too; the file is then named
 cuda_vs_cpu-soco-<KEY-VALUE-...>.json.
 """
 from __future__ import annotations
@@ -55,17 +56,33 @@ SOCO_SHORT = {"lr": 0.05, "batch_size": 4, "holdout_samples": 4, "topk": 32, "ev
 
 
 def soco_options(pairs: list[str]) -> dict:
-    """`KEY=VALUE` pairs as soco options, each value read as JSON where it parses (numbers), else as text."""
-    options = {}
+    """`KEY=VALUE` pairs as soco options, each value read as JSON where it parses (numbers), else as
+    text; a dotted KEY (`schedule.hard_lr_end`) nests, so that it sets one field of a section."""
+    options: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise SystemExit(f"--soco needs KEY=VALUE, got {pair!r}")
         try:
-            options[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            options[key] = value
+            parsed = value
+        *sections, field = key.split(".")
+        node = options
+        for name in sections:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--soco {pair!r}: {name} was given a value already")
+        node[field] = parsed
     return options
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra` laid over it, section by section (so `schedule.x` keeps the other fields)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def child(folder: Path, out: Path, method: str, zero_stage: int, extra: dict) -> None:
@@ -78,7 +95,7 @@ def child(folder: Path, out: Path, method: str, zero_stage: int, extra: dict) ->
                     "eval_samples": 8, "batch_size": 8},
            "compress": {"method": method, "ratio": 0.4}, "ray": {"enabled": False}}
     if method == "soco":
-        cfg["soco"] = {**SOCO_SHORT, "zero_stage": zero_stage, **extra}
+        cfg["soco"] = merged({**SOCO_SHORT, "zero_stage": zero_stage}, extra)
     report = compress(from_dict(cfg), progress=False)
     learn = json.loads((out / "learn.json").read_text()) if (out / "learn.json").exists() else None
     curve = None
