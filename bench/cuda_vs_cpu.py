@@ -17,6 +17,7 @@ cuda_vs_cpu-soco-<KEY-VALUE-...>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -56,36 +57,17 @@ SOCO_SHORT = {"lr": 0.05, "batch_size": 4, "holdout_samples": 4, "topk": 32, "ev
 
 
 def soco_options(pairs: list[str]) -> dict:
-    """`KEY=VALUE` pairs as soco options, each value read as JSON where it parses (numbers), else as
-    text; a dotted KEY (`schedule.hard_lr_end`) nests, so that it sets one field of a section."""
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or "" in key.split("."):
-            raise SystemExit(f"--soco needs KEY=VALUE, got {pair!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        *sections, field = key.split(".")
-        node = options
-        for name in sections:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise SystemExit(f"--soco {pair!r}: {name} was given a value already")
-        node[field] = parsed
-    return options
+    """`KEY=VALUE` pairs as soco options, read as `soco compress --set` reads them
+    (pipeline.config.apply_overrides: a dotted KEY sets one field of a section)."""
+    from pipeline.config import apply_overrides
+    from pipeline.errors import UserError
+    try:
+        return apply_overrides({}, pairs)
+    except UserError as e:
+        raise SystemExit(f"--soco: {e}") from None
 
 
-def merged(base: dict, extra: dict) -> dict:
-    """`base` with `extra` laid over it, section by section (so `schedule.x` keeps the other fields)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def child(folder: Path, out: Path, method: str, zero_stage: int, extra: dict) -> None:
+def child(folder: Path, out: Path, method: str, zero_stage: int, pairs: list[str]) -> None:
     import torch
     from pipeline import compress
     from pipeline.config import from_dict
@@ -95,7 +77,8 @@ def child(folder: Path, out: Path, method: str, zero_stage: int, extra: dict) ->
                     "eval_samples": 8, "batch_size": 8},
            "compress": {"method": method, "ratio": 0.4}, "ray": {"enabled": False}}
     if method == "soco":
-        cfg["soco"] = merged({**SOCO_SHORT, "zero_stage": zero_stage}, extra)
+        from pipeline.config import apply_overrides
+        cfg["soco"] = apply_overrides(copy.deepcopy({**SOCO_SHORT, "zero_stage": zero_stage}), pairs)
     report = compress(from_dict(cfg), progress=False)
     learn = json.loads((out / "learn.json").read_text()) if (out / "learn.json").exists() else None
     curve = None
@@ -133,7 +116,7 @@ def main() -> None:
     for name, visible in (("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "0")), ("cpu", "")):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, PYTHONPATH=path)  # the project first, then the rest
         r = subprocess.run([sys.executable, __file__, "--child", str(tmp), str(tmp / name), a.method,
-                            str(a.zero_stage), json.dumps(extra)], env=env, capture_output=True, text=True)
+                            str(a.zero_stage), json.dumps(a.soco)], env=env, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             raise SystemExit(f"{name} run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
