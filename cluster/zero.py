@@ -109,6 +109,8 @@ def init_config(zero_stage: int, micro_batch: int, world_size: int, dtype: torch
 
 #: the param-group key that marks a group idle for a step (IdleAwareAdam)
 IDLE = "idle"
+#: the param-group key that says whether an idle step counts in Adam's step (IdleAwareAdam; default true)
+COUNTS_IDLE = "counts_idle"
 
 
 class IdleAwareAdam(torch.optim.Adam):
@@ -130,9 +132,10 @@ class IdleAwareAdam(torch.optim.Adam):
             if group["weight_decay"]:
                 raise ValueError("an idle param group must have no weight decay (its update would not be zero)")
             self._init_group(group, [], [], [], [], [], [])  # Adam's own lazy state, where missing
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.state[p]["step"] += 1
+            if group.get(COUNTS_IDLE, True):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.state[p]["step"] += 1
         if len(idle) == len(groups):
             return closure() if closure is not None else None
         self.param_groups = [g for g in groups if not g.get(IDLE)]

@@ -98,3 +98,32 @@ def test_the_idle_mark_reaches_adam_through_the_deepspeed_engine(zero_stage):
     assert not inner.state[flats[1]]["exp_avg"].any()
     step(idle=False)
     assert not torch.equal(b_now(), b0)
+
+
+def test_an_idle_group_that_does_not_count_starts_as_a_fresh_adam():
+    """With COUNTS_IDLE false the idle steps leave the step count at 0: the group then trains
+    exactly as a fresh Adam would, each step of lr per coordinate under a steady gradient;
+    counted idle steps (the default) make those steps larger once the first few are past."""
+    moved = {}
+    for counts in (False, True):
+        a, b = _params()
+        b0 = b.detach().clone()
+        fresh = nn.Parameter(b0.clone())
+        ref = torch.optim.Adam([fresh], lr=1e-3)
+        opt = zero.IdleAwareAdam([{"params": [a], "lr": 1e-2},
+                                  {"params": [b], "lr": 1e-3, zero.IDLE: True, zero.COUNTS_IDLE: counts}])
+        for step in range(40):
+            a.grad, b.grad = _grads(step)
+            opt.step()
+        assert float(opt.state[b]["step"]) == (40 if counts else 0) and torch.equal(b, b0)
+        opt.param_groups[1][zero.IDLE] = False
+        steady = _grads(40)[1]
+        for step in range(20):
+            a.grad, b.grad = _grads(41 + step)[0], steady.clone()
+            fresh.grad = steady.clone()
+            opt.step()
+            ref.step()
+            assert torch.equal(b, fresh) != counts, step
+        moved[counts] = float((b0 - b).div(steady.sign()).mean())
+    assert moved[False] == pytest.approx(20 * 1e-3, rel=1e-3)
+    assert moved[True] > 1.1 * moved[False]

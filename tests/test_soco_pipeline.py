@@ -103,22 +103,30 @@ def test_factor_lr_trains_the_factors_and_the_checkpoint_holds_them(tmp_path, ti
                           U @ torch.diag(sigma) @ Vt, atol=1e-5)
 
 
-def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_path, tiny_llama, text_file):
+@pytest.mark.parametrize("counts_idle", [True, False])
+def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_path, tiny_llama, text_file,
+                                                                          counts_idle):
     """soco.factor_from = sparsify (with U and Vt trained): every checkpoint written before the
     sparsify stage holds svd-llm's factors unchanged (their gradients are not even computed),
-    and both train from there on."""
+    and both train from there on. Adam's step count of the factors' groups is the scores'
+    (soco.factor_counts_idle_steps, the default) or only the steps they trained."""
     from cluster.storage import Storage
     from pipeline.stages.decompose import load_layer_factors
     from pipeline.stages.learning.scored_model import load_scores, periodic_checkpoints
     from soco.schedule import Stage
     compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_from="sparsify",
-                         factor_vt=True, checkpoint_every=1, keep_checkpoints=0), progress=False)
+                         factor_vt=True, checkpoint_every=1, keep_checkpoints=0,
+                         factor_counts_idle_steps=counts_idle), progress=False)
     store = Storage(str(tmp_path / "run"))
     name, factors = "model.layers.0.self_attn.q_proj", load_layer_factors(store, 0)["self_attn.q_proj"]
     stages = []
     for rel in periodic_checkpoints(store):
         saved, state, _ = load_scores(store, rel)
         stages.append(state.stage)
+        score_steps, u_steps, vt_steps = saved["optimizer.step"].tolist()  # groups: score, U, vt_delta
+        assert score_steps == state.step and u_steps == vt_steps
+        trained = state.step - state.boundaries[1] if len(state.boundaries) > 1 else 0  # steps since refine ended
+        assert u_steps == (state.step if counts_idle else trained), (rel, state.boundaries)
         if state.stage < Stage.SPARSIFY:  # the next step is still before sparsify: factors untouched
             assert torch.equal(saved[f"{name}.U"], factors["U"].float())
             assert not saved[f"{name}.vt_delta"].any()

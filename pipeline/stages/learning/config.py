@@ -44,6 +44,11 @@ class SocoConfig:
     # its gradient is not computed (Adam counts its steps but skips their update). From
     # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
     factor_from: str = "coarse"
+    # whether U's Adam counts the steps it sat idle before factor_from in its bias correction.
+    # true (every figure measured before it existed): U's first trained steps are larger than
+    # factor_lr (about twice over the first 50 after the 130 steps of coarse and refine);
+    # false: its steps are factor_lr's from the first, as a fresh Adam's (cluster.zero.IdleAwareAdam)
+    factor_counts_idle_steps: bool = True
     # also train every matrix's Vt (its components' input directions) with U, at factor_lr and
     # from factor_from on: both sides of each kept component adapt, as in SVD-LLM's update of
     # both factors. Trained as a change in units of each row's norm (soco.scores.trained_vt),

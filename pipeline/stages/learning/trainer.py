@@ -199,6 +199,7 @@ class Trainer:
         for group, base, part in zip(self.engine.optimizer.param_groups, self.base_lrs, self.parts):
             group["lr"] = base * factor
             group[zero.IDLE] = part in FACTOR_PARTS and not factor_trains  # Adam only counts its step
+            group[zero.COUNTS_IDLE] = s.factor_counts_idle_steps  # ... or not even that
         for m in self.mods.values():  # the factors' gradients only from soco.factor_from on
             m.factor_trains = factor_trains
         ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
