@@ -309,9 +309,15 @@ class RayExecutor(Executor):
                 pending[task.remote(self._ctx, fn, item)] = k
             while pending:
                 collect()
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref)
+        except Exception:
+            # No ray.cancel of the rest: in Ray 2.60 a cancel that meets a task's completion
+            # aborts this whole process (RAY_CHECK "Tried to complete task that was not
+            # pending", ray-project/ray#54846; seen here as a test run that died without a
+            # word). The tasks in flight (at most `limit`) run to their end instead, their
+            # outcomes dropped, and the first error is raised. An interrupt does not wait:
+            # this process is going down, and Ray ends a gone driver's tasks.
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending))
             raise
         finally:
             bar.close()

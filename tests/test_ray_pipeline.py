@@ -151,6 +151,30 @@ def test_ray_task_failure_fails_the_stage_and_the_run(tmp_path, tiny_llama, text
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"
 
 
+def test_a_failed_task_lets_the_tasks_in_flight_finish(tmp_path, ray_local):
+    """When one task fails, the map raises its error once the other tasks in flight have run
+    to their end: none is cancelled (in Ray 2.60 a cancel that meets a task's completion
+    aborts the driver) and none is left half-done."""
+    from cluster.executor import RayExecutor
+    from cluster.ray_runtime import RaySettings
+    from pipeline.errors import UserError
+    marks = str(tmp_path)
+
+    def work(k: int) -> int:
+        import pathlib
+        import time
+        if k == 0:
+            raise UserError("task 0 fails")
+        time.sleep(1.0)
+        pathlib.Path(marks, f"done-{k}").write_text("")
+        return k
+
+    with RayExecutor(RaySettings(), max_in_flight=4) as ex:
+        with pytest.raises(UserError, match="task 0 fails"):
+            ex.map(work, range(4), "test", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done-1", "done-2", "done-3"]
+
+
 def test_sweep_runs_as_ray_tasks_with_the_in_process_results(tmp_path, tiny_llama, text_file, ray_local):
     """`parallel: 2`: each run is a Ray task (its stages inside it); the table equals the same
     sweep run one run after another in this process."""
