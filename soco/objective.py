@@ -67,7 +67,8 @@ def hidden_distance(student: Sequence[torch.Tensor], teacher: torch.Tensor) -> t
 
 class SoCoObjective(nn.Module):
     """Wraps the scored model so that one forward returns (KL, hidden-state distance, soft
-    parameter count, mean deviation of the scored matrices from their unscaled spectrum).
+    parameter count, mean deviation of the scored matrices from their unscaled spectrum, mean
+    change of their U from the decomposed U).
 
     `distilled` are the decoder layers whose outputs are compared with the teacher's
     (`hidden_distance`; 0 when none are, or no teacher states are given). Their outputs are
@@ -76,7 +77,8 @@ class SoCoObjective(nn.Module):
 
     The count and the deviation are summed from what each ScoredLinear recorded during its
     own forward, because under ZeRO-3 a module's parameters exist only while that module runs
-    (the deviation is 0 when the modules do not measure it: `ScoredLinear.measures_deviation`).
+    (the deviation is 0 when the modules do not measure it: `ScoredLinear.measures_deviation`;
+    U's change is 0 unless the modules hold U0 and U trains: `ScoredLinear.factor_change`).
     """
 
     def __init__(self, model: nn.Module, distilled: Sequence[nn.Module] = ()) -> None:
@@ -95,7 +97,7 @@ class SoCoObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, teacher_logp: torch.Tensor, teacher_idx: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         self._outputs.clear()
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         # the teacher predicts the token after each position, as the student's logits do
@@ -108,4 +110,6 @@ class SoCoObjective(nn.Module):
         soft = torch.stack([m.last_soft_count for m in self._scored]).sum()
         measured = [m.last_deviation for m in self._scored if m.last_deviation is not None]
         deviation = torch.stack(measured).mean() if measured else kl.new_zeros(())
-        return kl, hidden, soft, deviation
+        moved = [m.last_factor_change for m in self._scored if m.last_factor_change is not None]
+        factor_change = torch.stack(moved).mean() if moved else kl.new_zeros(())
+        return kl, hidden, soft, deviation, factor_change

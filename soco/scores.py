@@ -102,7 +102,7 @@ class ScoredLinear(nn.Module):
     """
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None,
-                 trains_vt: bool = False) -> None:
+                 trains_vt: bool = False, anchors_u: bool = False) -> None:
         super().__init__()
         self.out_features, self.rank = U.shape
         self.in_features = Vt.shape[1]
@@ -122,6 +122,10 @@ class ScoredLinear(nn.Module):
         self.register_parameter("vt_delta", nn.Parameter(torch.zeros_like(Vt), requires_grad=False)
                                 if trains_vt else None)
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
+        # U as decomposed (svd-llm's output directions), which factor_change measures U's
+        # distance from; only with soco.factor_anchor (None otherwise). Not saved: it is the
+        # decompose stage's U, read again whenever the model is built.
+        self.register_buffer("U0", U.detach().clone().contiguous() if anchors_u else None, persistent=False)
         # indices of the unpruned components once a cut is made (None: all of them); not saved,
         # it follows from the mask
         self.register_buffer("kept", None, persistent=False)
@@ -133,6 +137,7 @@ class ScoredLinear(nn.Module):
         self.factor_trains = True
         self.last_soft_count: torch.Tensor | None = None  # set by forward, read by the objective
         self.last_deviation: torch.Tensor | None = None  # likewise (deviation())
+        self.last_factor_change: torch.Tensor | None = None  # likewise (factor_change(), while U trains)
         self.measures_deviation = True  # off when nothing pays for it (soco.schedule.deviation_weight 0)
 
     @property
@@ -176,6 +181,28 @@ class ScoredLinear(nn.Module):
         energy = self.sigma.detach() ** 2
         return (self.mask * energy * (self.effective_score() - 1.0) ** 2).sum() / energy.sum().clamp_min(1e-30)
 
+    def factor_change(self) -> torch.Tensor:
+        """How far U has moved from its decomposed value U0, as a change of the matrix's whitened
+        output relative to the candidates' energy: sum_i mask_i (s_i sigma_i)^2 |u_i - u0_i|^2 /
+        sum_i sigma_i^2, with s and sigma held fixed (no gradient: the penalty must not push
+        the scores down to make U's change cheaper).
+
+        In the whitened coordinates V's rows are orthonormal, so this is exactly
+        |U diag(s sigma) Vt - U0 diag(s sigma) Vt|_F^2 over the energy: the part of the matrix's
+        change that U's training made. The penalty on it (soco.factor_anchor) pulls U toward
+        svd-llm's directions, as weight decay toward the starting point does in fine-tuning from
+        little data (U fits the 56 training windows far better than held-out text).
+        """
+        if self.U0 is None:
+            raise RuntimeError("factor_change needs U0: build the module with anchors_u=True")
+        energy = self.sigma.detach() ** 2
+        weight = (self.mask * (self.effective_score().detach() * self.sigma.detach()) ** 2)
+        if self.kept is not None:  # the pruned components are left out of the computation here too
+            moved, weight = self.U[:, self.kept] - self.U0[:, self.kept], weight[self.kept]
+        else:
+            moved = self.U - self.U0
+        return (weight * moved.pow(2).sum(0)).sum() / energy.sum().clamp_min(1e-30)
+
     def input_factor(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Vt (its `rows`, or all), shifted by the trained change with soco.factor_vt; that change
         is detached while the factors are held fixed (factor_trains off)."""
@@ -189,6 +216,7 @@ class ScoredLinear(nn.Module):
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
         self.last_deviation = self.deviation() if self.measures_deviation else None
+        self.last_factor_change = self.factor_change() if self.U0 is not None and self.factor_trains else None
         U = self.U if self.factor_trains else self.U.detach()
         if self.kept is None:
             Vt, multiplier = self.input_factor(), self.scale() * self.sigma * self.mask

@@ -293,6 +293,8 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.factor_vt=true", "soco.factor_vt trains Vt at soco.factor_lr: set soco.factor_lr above 0"),
     ("soco.factor_vt=2", "config key 'soco.factor_vt' must be bool, got 2"),
     ("soco.factor_counts_idle_steps=2", "config key 'soco.factor_counts_idle_steps' must be bool, got 2"),
+    ("soco.factor_anchor=1", "soco.factor_anchor pulls a trained U toward its decomposed value: set soco.factor_lr above 0"),
+    ("soco.factor_anchor=-1", "soco.factor_anchor must be a number of at least 0 (0 = off), got -1"),
     ("soco.gate=l0", "soco.gate must be one of magnitude, hard_concrete"),
     ("soco.hidden_layers=-1", "soco.hidden_layers must be at least 0"),
     ("soco.hidden_layers=1.5", "config key 'soco.hidden_layers' must be int"),

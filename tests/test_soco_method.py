@@ -1,6 +1,8 @@
 """SoCo's pieces in isolation: gradients, counts, folding, schedule rules, selection, KL."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from soco.scores import (ScoredLinear, active_params, apply_cut, exact_count, fo
                          trained_vt)
 
 
-def _tiny_scored_model(tiny_llama):
+def _tiny_scored_model(tiny_llama, anchors_u: bool = False):
     """The tiny Llama with every decoder linear replaced by a full-rank ScoredLinear."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
@@ -21,7 +23,7 @@ def _tiny_scored_model(tiny_llama):
         for name in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
             f = svd_factors(layer.get_submodule(name).weight.detach())
-            layer.set_submodule(name, ScoredLinear(f.U.float(), f.sigma.float(), f.Vt.float()))
+            layer.set_submodule(name, ScoredLinear(f.U.float(), f.sigma.float(), f.Vt.float(), anchors_u=anchors_u))
     for p in model.parameters():
         p.requires_grad_(False)
     for m in scored_modules(model).values():
@@ -34,7 +36,7 @@ def test_gradients_reach_only_the_scores(tiny_llama):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         logp, idx = teacher_topk(torch.randn(2, 12, model.config.vocab_size), 8)
-    kl, _, soft, _ = SoCoObjective(model)(ids, logp, idx)
+    kl, _, soft, _, _ = SoCoObjective(model)(ids, logp, idx)
     (kl + soft / 1e4).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(n.endswith(".score") for n in with_grad)
@@ -79,9 +81,9 @@ def test_hidden_distillation_compares_the_chosen_layers_outputs(tiny_llama):
             h.remove()
     own = torch.stack(outputs, dim=1)
     objective = SoCoObjective(model, [model.model.layers[i] for i in picked])
-    kl, hidden, _, _ = objective(ids, logp, idx, own)
+    kl, hidden, _, _, _ = objective(ids, logp, idx, own)
     assert float(hidden.detach()) < 1e-10 and float(kl.detach()) < 1e-5
-    _, hidden, _, _ = objective(ids, logp, idx, own * 1.1)
+    _, hidden, _, _, _ = objective(ids, logp, idx, own * 1.1)
     assert float(hidden.detach()) > 1e-3
     hidden.backward()
     assert any(float(m.score.grad.abs().sum()) > 0 for m in scored_modules(model).values())
@@ -147,7 +149,7 @@ def test_removing_pruned_components_changes_no_logit_nor_gradient(tiny_llama):
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         for m in mods.values():
             m.score.grad = None
-        kl, _, _, _ = SoCoObjective(model)(ids, logp, idx)
+        kl, _, _, _, _ = SoCoObjective(model)(ids, logp, idx)
         kl.backward()
         return model(ids).logits.detach(), {n: m.score.grad.clone() for n, m in mods.items()}
 
@@ -491,7 +493,70 @@ def test_vt_change_is_relative_to_each_rows_norm():
     assert trained_vt(Vt, None) is Vt
 
 
-def _scored(m: int, n: int, k: int, trains_vt: bool = False) -> ScoredLinear:
+def test_factor_change_is_the_change_of_the_whitened_matrix_that_u_made():
+    """U's distance from its decomposed value (soco.factor_anchor) is the change that U's
+    training made to U diag(s sigma) Vt over the candidates' energy (V's rows orthonormal, as
+    in the whitened coordinates): 0 at the start, over the kept components only after the
+    cut, and its gradient reaches U alone, never the scores."""
+    m, x = _scored(6, 5, 4, anchors_u=True), torch.randn(3, 5)
+    assert _scored(6, 5, 4).U0 is None  # nothing held without the anchor
+    assert float(m.factor_change()) == 0.0
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        m.score.copy_(torch.rand(4, generator=g) + 0.5)
+        m.U.add_(0.1 * torch.randn(m.U.shape, generator=g))
+
+    def changed(keep: torch.Tensor) -> float:
+        w = torch.diag((m.score * m.sigma)[keep]).detach()
+        d = (m.U[:, keep] - m.U0[:, keep]) @ w @ m.Vt[keep]
+        return float(d.pow(2).sum() / m.sigma.pow(2).sum())
+
+    assert math.isclose(float(m.factor_change()), changed(torch.arange(4)), rel_tol=1e-5)
+    apply_cut({"m": m}, {"m": torch.tensor([0, 2])})
+    before = float(m.factor_change())
+    assert math.isclose(before, changed(torch.tensor([0, 2])), rel_tol=1e-5)
+    with torch.no_grad():  # a pruned component's column moves: nothing is counted for it
+        m.U[:, 1] += 1.0
+    assert float(m.factor_change()) == before
+    m.U.requires_grad_(True)
+    m.factor_change().backward()
+    assert m.score.grad is None and m.U.grad[:, [0, 2]].abs().sum() > 0 and m.U.grad[:, [1, 3]].abs().sum() == 0
+    # the forward records it only while U trains (soco.factor_from)
+    m(x)
+    assert m.last_factor_change is not None
+    m.factor_trains = False
+    m(x)
+    assert m.last_factor_change is None
+
+
+def test_the_anchor_keeps_a_trained_u_near_the_decomposed_one(tiny_llama):
+    """Adam on U with the KL alone moves U; the same steps with the anchor's penalty beside
+    the KL (the objective's fifth output) end nearer the decomposed U."""
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for weight in (0.0, 100.0):
+        model = _tiny_scored_model(tiny_llama, anchors_u=True)
+        with torch.no_grad():
+            logp, idx = teacher_topk(model(ids).logits, 8)
+        mods = scored_modules(model).values()
+        for m in mods:
+            with torch.no_grad():  # a network away from the teacher, so that the KL moves U
+                m.score.mul_(0.5)
+            m.U.requires_grad_(True)
+        opt = torch.optim.Adam([m.U for m in mods], lr=1e-2)
+        objective = SoCoObjective(model)
+        for _ in range(8):
+            kl, _, _, _, change = objective(ids, logp, idx)
+            opt.zero_grad()
+            (kl + weight * change).backward()
+            opt.step()
+        assert float(change.detach()) > 0
+        moved[weight] = sum(float((m.U - m.U0).pow(2).sum()) for m in mods)
+    assert 0 < moved[100.0] < 0.5 * moved[0.0]
+
+
+def _scored(m: int, n: int, k: int, trains_vt: bool = False, anchors_u: bool = False) -> ScoredLinear:
     """A ScoredLinear over the top-k SVD factors of a random m x n matrix (float32)."""
     f = svd_factors(torch.randn(m, n, dtype=torch.float64))
-    return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float(), trains_vt=trains_vt)
+    return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float(), trains_vt=trains_vt,
+                        anchors_u=anchors_u)

@@ -135,6 +135,24 @@ def test_factor_from_sparsify_holds_the_factors_until_the_pruning_starts(tmp_pat
     assert not torch.allclose(final[f"{name}.U"], factors["U"].float()) and final[f"{name}.vt_delta"].any()
 
 
+def test_factor_anchor_holds_the_trained_u_near_the_decomposed_one(tmp_path, tiny_llama, text_file):
+    """soco.factor_anchor through the whole learn stage (ZeRO-3, the decomposed U as a buffer
+    beside the partitioned one): U still trains, and ends far nearer svd-llm's U than
+    the same run without the anchor."""
+    from cluster.storage import Storage
+    from pipeline.stages.decompose import load_layer_factors
+    moved = {}
+    for anchor in (0.0, 1000.0):
+        run = tmp_path / f"run-{anchor}"
+        compress(soco_config(tiny_llama, run, text_file, factor_lr=1e-3, factor_from="sparsify",
+                             factor_anchor=anchor), progress=False)
+        final, _, _ = _final_scores(run)
+        store = Storage(str(run))
+        moved[anchor] = sum(float((final[f"model.layers.0.{n}.U"] - f["U"].float()).pow(2).sum())
+                            for n, f in load_layer_factors(store, 0).items())
+    assert 0 < moved[1000.0] < 0.5 * moved[0.0], moved
+
+
 def test_hard_lr_end_shrinks_the_steps_the_hard_training_takes(tmp_path, tiny_llama, text_file):
     """soco.schedule.hard_lr_end: the optimiser's learning rates (the curve's lr_scale) are 1 in
     the coarse stage and refine_lr_factor after it until the final cut, then fall at every step

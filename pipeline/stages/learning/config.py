@@ -54,6 +54,11 @@ class SocoConfig:
     # both factors. Trained as a change in units of each row's norm (soco.scores.trained_vt),
     # a tensor of Vt's size with its gradient and Adam moments.
     factor_vt: bool = False
+    # weight of U's distance from its decomposed value (svd-llm's output directions) in the loss,
+    # while U trains: sum_i (s_i sigma_i)^2 |u_i - u0_i|^2 / sum_i sigma_i^2 per matrix
+    # (soco.scores.ScoredLinear.factor_change), averaged over the matrices; 0 = off. It holds a
+    # copy of every candidate's U (a buffer, whole on every rank).
+    factor_anchor: float = 0.0
     # distil the outputs of this many decoder layers too (spread over depth, the last among
     # them: soco.objective.distilled_layers), by their per-token relative squared error to the
     # dense model's; 0 = the logits alone. Costs one more dense pass over the calibration
@@ -114,6 +119,11 @@ class SocoConfig:
             raise UserError(f"soco.factor_lr must be a number of at least 0 (0 = U frozen), got {self.factor_lr!r}")
         if self.factor_vt and not self.factor_lr > 0:
             raise UserError("soco.factor_vt trains Vt at soco.factor_lr: set soco.factor_lr above 0")
+        if isinstance(self.factor_anchor, bool) or not isinstance(self.factor_anchor, (int, float)) \
+                or self.factor_anchor < 0:
+            raise UserError(f"soco.factor_anchor must be a number of at least 0 (0 = off), got {self.factor_anchor!r}")
+        if self.factor_anchor > 0 and not self.factor_lr > 0:
+            raise UserError("soco.factor_anchor pulls a trained U toward its decomposed value: set soco.factor_lr above 0")
         if self.factor_from not in FACTOR_STAGES:
             raise UserError(f"soco.factor_from must be one of {', '.join(FACTOR_STAGES)}, got {self.factor_from!r}")
         if self.schedule.patience < 1:

@@ -32,7 +32,7 @@ SCORE_PARTS = ("score", "log_alpha")
 
 def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
                        partitioned: Callable[[], AbstractContextManager] | None = None,
-                       trains_vt: bool = False) -> nn.Module:
+                       trains_vt: bool = False, anchors_u: bool = False) -> nn.Module:
     """The model with every planned linear replaced by a ScoredLinear over its factors.
 
     Built one layer at a time: the dense layer is read, its linears swapped for the
@@ -40,7 +40,8 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
     one dense layer. With `partitioned` (a context factory: cluster.zero.partitioned_init)
     the factors are partitioned across the ZeRO-3 ranks as each matrix is built, so a rank
     holds its share of the factored model plus one dense layer. `trains_vt` (soco.factor_vt)
-    gives every matrix the trained change of its Vt.
+    gives every matrix the trained change of its Vt; `anchors_u` (soco.factor_anchor) a copy
+    of its decomposed U (whole on every rank: a buffer, not partitioned).
     """
     model = build_skeleton(source.config, dtype)
     lw = LayerwiseModel(model, source, dtype)
@@ -53,7 +54,8 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
             lin = layer.get_submodule(name)
             bias = None if lin.bias is None else lin.bias.detach()
             with partitioned() if partitioned else contextlib.nullcontext():
-                scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias, trains_vt)
+                scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias, trains_vt,
+                                      anchors_u)
             layer.set_submodule(name, scored)
     for p in model.parameters():
         p.requires_grad_(False)

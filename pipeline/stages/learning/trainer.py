@@ -61,7 +61,7 @@ class Trainer:
         self.model = build_scored_model(source, self.store, torch.float32,
                                         partitioned=lambda: zero.partitioned_init(s.zero_stage, micro_batch,
                                                                                   torch.float32),
-                                        trains_vt=s.factor_vt)
+                                        trains_vt=s.factor_vt, anchors_u=s.factor_anchor > 0)
         if s.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()  # HF recomputes layers only in training mode (these models have no dropout)
@@ -141,10 +141,11 @@ class Trainer:
         return previous
 
     def forward(self, ids: list[int], with_hidden: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(KL to the teacher, hidden-state distance to it, soft parameter count, deviation
-        from the unscaled spectrum) on the given windows; without `with_hidden` the distance
-        is not computed (0): the held-out evaluation reads the KL alone."""
+        from the unscaled spectrum, U's change from the decomposed U) on the given windows;
+        without `with_hidden` the distance is not computed (0): the held-out evaluation reads
+        the KL alone."""
         hidden = (None if self.teacher_hidden is None or not with_hidden
                   else self.teacher_hidden[ids].to(self.device, torch.float32))
         # teacher row t and student logits at t both predict token t+1 of the window
@@ -206,9 +207,10 @@ class Trainer:
         # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
         # the same on every rank, so a resumed run draws what an uninterrupted one would
         torch.manual_seed(s.seed * 1_000_003 + step)
-        kl, hidden, soft, deviation = self.forward([self.train_ids[i] for i in ids])
+        kl, hidden, soft, deviation, factor_change = self.forward([self.train_ids[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
-        self.engine.backward(kl + s.hidden_weight * hidden + budget + sparsity + sched.regulariser(deviation))
+        self.engine.backward(kl + s.hidden_weight * hidden + budget + sparsity + sched.regulariser(deviation)
+                             + s.factor_anchor * factor_change)
         self.record_importance()
         self.engine.step()
         soft_v = float(soft.detach())  # once pruning starts: exactly the kept parameters
