@@ -126,6 +126,9 @@ class ScoredLinear(nn.Module):
         # distance from; only with soco.factor_anchor (None otherwise). Not saved: it is the
         # decompose stage's U, read again whenever the model is built.
         self.register_buffer("U0", U.detach().clone().contiguous() if anchors_u else None, persistent=False)
+        # which of the rank's components U0's columns are (None: all): after a cut U0 holds the
+        # kept ones only, since a cut never brings a component back (narrow_anchor)
+        self.U0_columns: torch.Tensor | None = None
         # indices of the unpruned components once a cut is made (None: all of them); not saved,
         # it follows from the mask
         self.register_buffer("kept", None, persistent=False)
@@ -181,7 +184,7 @@ class ScoredLinear(nn.Module):
         energy = self.sigma.detach() ** 2
         return (self.mask * energy * (self.effective_score() - 1.0) ** 2).sum() / energy.sum().clamp_min(1e-30)
 
-    def factor_change(self) -> torch.Tensor:
+    def factor_change(self, U: torch.Tensor | None = None) -> torch.Tensor:
         """How far U has moved from its decomposed value U0, as a change of the matrix's whitened
         output relative to the candidates' energy: sum_i mask_i (s_i sigma_i)^2 |u_i - u0_i|^2 /
         sum_i sigma_i^2, with s and sigma held fixed (no gradient: the penalty must not push
@@ -192,16 +195,35 @@ class ScoredLinear(nn.Module):
         change that U's training made. The penalty on it (soco.factor_anchor) pulls U toward
         svd-llm's directions, as weight decay toward the starting point does in fine-tuning from
         little data (U fits the 56 training windows far better than held-out text).
+
+        `U` is U's kept columns as the forward already sliced them (all columns before a cut),
+        so that the forward does not slice U twice; by default they are sliced here.
         """
         if self.U0 is None:
             raise RuntimeError("factor_change needs U0: build the module with anchors_u=True")
         energy = self.sigma.detach() ** 2
-        weight = (self.mask * (self.effective_score().detach() * self.sigma.detach()) ** 2)
+        weight = self.mask * (self.effective_score().detach() * self.sigma.detach()) ** 2
         if self.kept is not None:  # the pruned components are left out of the computation here too
-            moved, weight = self.U[:, self.kept] - self.U0[:, self.kept], weight[self.kept]
+            weight = weight[self.kept]
+            if U is None:
+                U = self.U[:, self.kept]
+        elif U is None:
+            U = self.U
+        return (weight * (U - self.U0).pow(2).sum(0)).sum() / energy.sum().clamp_min(1e-30)
+
+    def narrow_anchor(self, kept: torch.Tensor) -> None:
+        """Keep U0's columns of the `kept` components only (after a cut): the anchor never
+        looks at a pruned one again, so the rest is memory and a slice per step spent."""
+        if self.U0 is None:
+            return
+        if self.U0_columns is None:
+            columns = kept
         else:
-            moved = self.U - self.U0
-        return (weight * moved.pow(2).sum(0)).sum() / energy.sum().clamp_min(1e-30)
+            if not bool(torch.isin(kept, self.U0_columns).all()):
+                raise RuntimeError("a cut brought back a component that an earlier cut pruned")
+            columns = torch.searchsorted(self.U0_columns, kept)
+        self.U0 = self.U0[:, columns.to(self.U0.device)].contiguous()
+        self.U0_columns = kept
 
     def input_factor(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Vt (its `rows`, or all), shifted by the trained change with soco.factor_vt; that change
@@ -216,12 +238,15 @@ class ScoredLinear(nn.Module):
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
         self.last_deviation = self.deviation() if self.measures_deviation else None
-        self.last_factor_change = self.factor_change() if self.U0 is not None and self.factor_trains else None
         U = self.U if self.factor_trains else self.U.detach()
         if self.kept is None:
             Vt, multiplier = self.input_factor(), self.scale() * self.sigma * self.mask
         else:  # the pruned components are left out, not multiplied by 0 (their mask)
             U, Vt, multiplier = U[:, self.kept], self.input_factor(self.kept), (self.scale() * self.sigma)[self.kept]
+        # U's distance from U0 (soco.factor_anchor), only where a step trains U: an evaluation
+        # without gradients has no use for it
+        anchored = self.U0 is not None and self.factor_trains and torch.is_grad_enabled()
+        self.last_factor_change = self.factor_change(U) if anchored else None
         h = torch.nn.functional.linear(x * self.in_scale, Vt)
         h = h * multiplier
         y = torch.nn.functional.linear(h, U) * self.out_scale
@@ -274,8 +299,10 @@ def apply_cut(mods: dict[str, ScoredLinear], keep: dict[str, torch.Tensor]) -> N
     for name, m in mods.items():
         mask = torch.zeros_like(m.mask)
         mask[keep[name].to(mask.device)] = 1
+        kept = torch.nonzero(mask > 0).flatten()
+        m.narrow_anchor(kept)  # first: it refuses a cut that brings a component back
         m.mask.copy_(mask)
-        m.kept = torch.nonzero(mask > 0).flatten()
+        m.kept = kept
         m.hard = True
 
 

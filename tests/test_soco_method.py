@@ -506,13 +506,16 @@ def test_factor_change_is_the_change_of_the_whitened_matrix_that_u_made():
         m.score.copy_(torch.rand(4, generator=g) + 0.5)
         m.U.add_(0.1 * torch.randn(m.U.shape, generator=g))
 
+    U0 = m.U0.clone()
+
     def changed(keep: torch.Tensor) -> float:
         w = torch.diag((m.score * m.sigma)[keep]).detach()
-        d = (m.U[:, keep] - m.U0[:, keep]) @ w @ m.Vt[keep]
+        d = (m.U[:, keep] - U0[:, keep]) @ w @ m.Vt[keep]
         return float(d.pow(2).sum() / m.sigma.pow(2).sum())
 
     assert math.isclose(float(m.factor_change()), changed(torch.arange(4)), rel_tol=1e-5)
     apply_cut({"m": m}, {"m": torch.tensor([0, 2])})
+    assert torch.equal(m.U0, U0[:, [0, 2]])  # the anchor holds the kept columns only
     before = float(m.factor_change())
     assert math.isclose(before, changed(torch.tensor([0, 2])), rel_tol=1e-5)
     with torch.no_grad():  # a pruned component's column moves: nothing is counted for it
@@ -521,9 +524,19 @@ def test_factor_change_is_the_change_of_the_whitened_matrix_that_u_made():
     m.U.requires_grad_(True)
     m.factor_change().backward()
     assert m.score.grad is None and m.U.grad[:, [0, 2]].abs().sum() > 0 and m.U.grad[:, [1, 3]].abs().sum() == 0
-    # the forward records it only while U trains (soco.factor_from)
+    # the forward records it (from its own slice of U) only while U trains (soco.factor_from),
+    # in a forward that records gradients
     m(x)
-    assert m.last_factor_change is not None
+    assert m.last_factor_change is not None and math.isclose(float(m.last_factor_change), before, rel_tol=1e-6)
+    with torch.no_grad():
+        m(x)
+    assert m.last_factor_change is None
+    # a second, narrower cut narrows U0 again; one that brings a pruned component back is refused
+    apply_cut({"m": m}, {"m": torch.tensor([2])})
+    assert torch.equal(m.U0, U0[:, [2]]) and math.isclose(float(m.factor_change()), changed(torch.tensor([2])),
+                                                          rel_tol=1e-5)
+    with pytest.raises(RuntimeError, match="brought back"):
+        apply_cut({"m": m}, {"m": torch.tensor([1, 2])})
     m.factor_trains = False
     m(x)
     assert m.last_factor_change is None
