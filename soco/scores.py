@@ -126,9 +126,6 @@ class ScoredLinear(nn.Module):
         # distance from; only with soco.factor_anchor (None otherwise). Not saved: it is the
         # decompose stage's U, read again whenever the model is built.
         self.register_buffer("U0", U.detach().clone().contiguous() if anchors_u else None, persistent=False)
-        # which of the rank's components U0's columns are (None: all): after a cut U0 holds the
-        # kept ones only, since a cut never brings a component back (narrow_anchor)
-        self.U0_columns: torch.Tensor | None = None
         # indices of the unpruned components once a cut is made (None: all of them); not saved,
         # it follows from the mask
         self.register_buffer("kept", None, persistent=False)
@@ -212,18 +209,19 @@ class ScoredLinear(nn.Module):
         return (weight * (U - self.U0).pow(2).sum(0)).sum() / energy.sum().clamp_min(1e-30)
 
     def narrow_anchor(self, kept: torch.Tensor) -> None:
-        """Keep U0's columns of the `kept` components only (after a cut): the anchor never
-        looks at a pruned one again, so the rest is memory and a slice per step spent."""
+        """Keep U0's columns of the `kept` components only (at a cut, before `self.kept` takes
+        the new ones: until then U0 holds the columns of `self.kept`, or all before a cut).
+        The anchor never looks at a pruned component again, so the rest is memory and a slice
+        per step spent."""
         if self.U0 is None:
             return
-        if self.U0_columns is None:
+        if self.kept is None:
             columns = kept
         else:
-            if not bool(torch.isin(kept, self.U0_columns).all()):
+            if not bool(torch.isin(kept, self.kept).all()):
                 raise RuntimeError("a cut brought back a component that an earlier cut pruned")
-            columns = torch.searchsorted(self.U0_columns, kept)
+            columns = torch.searchsorted(self.kept, kept)
         self.U0 = self.U0[:, columns.to(self.U0.device)].contiguous()
-        self.U0_columns = kept
 
     def input_factor(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Vt (its `rows`, or all), shifted by the trained change with soco.factor_vt; that change
@@ -300,7 +298,7 @@ def apply_cut(mods: dict[str, ScoredLinear], keep: dict[str, torch.Tensor]) -> N
         mask = torch.zeros_like(m.mask)
         mask[keep[name].to(mask.device)] = 1
         kept = torch.nonzero(mask > 0).flatten()
-        m.narrow_anchor(kept)  # first: it refuses a cut that brings a component back
+        m.narrow_anchor(kept)  # first: it reads the old `kept`, and refuses a cut that brings one back
         m.mask.copy_(mask)
         m.kept = kept
         m.hard = True
