@@ -156,7 +156,23 @@ def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int
     opt = IdleAwareAdam(param_groups)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(zero_stage, micro_batch, world),
                                         dist_init_required=False)
+    place_buffers(model, eng.device)
     return eng
+
+
+def place_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Move every buffer of `model` that is elsewhere onto `device`, as `module.to` would.
+
+    Under ZeRO-2 the engine moves the whole module to its device. Under ZeRO-3 it leaves that
+    to `zero.Init`, which puts on the device what is created inside it (parameters, and buffers
+    made by torch.ones, arange, ...) but not a buffer copied from a tensor that already existed:
+    ScoredLinear.U0, a clone of the decomposed U read from disk, stayed on the host, and the
+    forward mixed devices (seen on an H200 over NCCL). A no-op on the CPU."""
+    device = torch.device(device)
+    for mod in model.modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf.device != device:
+                setattr(mod, name, buf.to(device))
 
 
 def gathered(params: list[nn.Parameter], modify: bool = False):
