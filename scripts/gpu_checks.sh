@@ -4,7 +4,8 @@
 #   2. SoCo's learn stage with DeepSpeed ZeRO-3 over NCCL against the same run on the CPU (gloo),
 #      as configured by default and with the options the default leaves off (SOCO_OPTIONS,
 #      default: those of configs/soco-levers.yaml that a tiny model takes, hidden-state
-#      distillation, U trained from the sparsify stage, the hard stage's decaying step), with
+#      distillation, U trained from the sparsify stage, the hard stage's decaying step, the
+#      longer Polyak average, U's anchor and U's Adam without its idle steps counted), with
 #      ZeRO-3 and with ZeRO-2 (the stage the quality rows use on one GPU);
 #   3. the decompose stage's SVDs on the GPU against the CPU.
 # Each step has its own time limit, so that one that hangs costs only its own figures.
@@ -43,7 +44,7 @@ step inference-fp32 ${T_INF:-200} "$PY" bench/inference.py --model "$MODEL" "${e
   --workdir "$WORK/inference" --results "$OUT/inference-gpu"
 step soco-zero3-nccl ${T_SOCO:-200} "$PY" bench/cuda_vs_cpu.py --method soco --zero-stage 3 --out "$OUT"
 opts=()
-for o in ${SOCO_OPTIONS:-hidden_layers=2 hidden_weight=4 factor_lr=1e-4 factor_from=sparsify schedule.hard_lr_end=0.1}; do
+for o in ${SOCO_OPTIONS:-hidden_layers=2 hidden_weight=4 factor_lr=1e-4 factor_from=sparsify schedule.hard_lr_end=0.1 average_decay=0.97 factor_anchor=100 factor_counts_idle_steps=false}; do
   opts+=(--soco "$o")
 done
 step soco-options ${T_SOCO_OPT:-200} "$PY" bench/cuda_vs_cpu.py --method soco --zero-stage 3 --out "$OUT/zero3" "${opts[@]}"
