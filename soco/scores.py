@@ -88,10 +88,31 @@ def trained_vt(Vt: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return Vt + Vt.norm(dim=1, keepdim=True) * delta
 
 
+def trained_u(U: torch.Tensor, up: torch.Tensor | None, down: torch.Tensor | None) -> torch.Tensor:
+    """U + up @ down: the output factor with its trained low-rank change (soco.factor_rank), or
+    U itself when no such change trained (`up` None). `down` may be a slice of the components'
+    columns, as `U` then is."""
+    if up is None or down is None:
+        return U
+    return U.to(up.dtype) + up @ down
+
+
+def low_rank_start(out_features: int, rank: int, components: int, generator: torch.Generator, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low-rank change's starting (up, down): up zero, so that U is exactly as decomposed,
+    and down Gaussian with variance 1 / rank (LoRA's start), drawn from `generator` so that
+    every rank of a data-parallel run builds the same one. With up's entries moved by about
+    the learning rate per Adam step, U's entries then move by about as much as when U itself
+    trains."""
+    down = torch.randn(rank, components, generator=generator) / math.sqrt(rank)
+    return torch.zeros(out_features, rank, dtype=dtype), down.to(dtype)
+
+
 class ScoredLinear(nn.Module):
     """y = out * (((in * x) Vt^T) * (s * sigma * mask)) U^T (+ b); `score` trains, and the
     channel scales `in`/`out` (initially 1) train only when SoCo's channel scales are on,
-    U with soco.factor_lr and Vt's change `vt_delta` (trained_vt) with soco.factor_vt
+    U with soco.factor_lr (or, with soco.factor_rank, a low-rank change `u_up @ u_down` of it:
+    trained_u) and Vt's change `vt_delta` (trained_vt) with soco.factor_vt
     (s times the hard-concrete gates' z with `gate = "hard_concrete"`; `log_alpha` trains).
 
     `mask` (a buffer) marks the components pruned (0): they contribute exactly nothing.
@@ -102,7 +123,8 @@ class ScoredLinear(nn.Module):
     """
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None,
-                 trains_vt: bool = False, anchors_u: bool = False) -> None:
+                 trains_vt: bool = False, anchors_u: bool = False, u_rank: int = 0,
+                 u_generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.out_features, self.rank = U.shape
         self.in_features = Vt.shape[1]
@@ -121,6 +143,12 @@ class ScoredLinear(nn.Module):
         # which the default does not allocate (None)
         self.register_parameter("vt_delta", nn.Parameter(torch.zeros_like(Vt), requires_grad=False)
                                 if trains_vt else None)
+        # the trained low-rank change of U (trained_u), only with soco.factor_rank: up (m x r, from 0)
+        # and down (r x rank), r(m + rank) numbers where U itself is m x rank; None by default
+        up, down = (low_rank_start(self.out_features, u_rank, self.rank, u_generator or torch.Generator(), U.dtype)
+                    if u_rank else (None, None))
+        self.register_parameter("u_up", None if up is None else nn.Parameter(up, requires_grad=False))
+        self.register_parameter("u_down", None if down is None else nn.Parameter(down, requires_grad=False))
         self.register_buffer("mask", torch.ones(self.rank, dtype=U.dtype))
         # U as decomposed (svd-llm's output directions), which factor_change measures U's
         # distance from; only with soco.factor_anchor (None otherwise). Not saved: it is the
@@ -193,8 +221,9 @@ class ScoredLinear(nn.Module):
         svd-llm's directions, as weight decay toward the starting point does in fine-tuning from
         little data (U fits the 56 training windows far better than held-out text).
 
-        `U` is U's kept columns as the forward already sliced them (all columns before a cut),
-        so that the forward does not slice U twice; by default they are sliced here.
+        `U` is U's kept columns as the forward already sliced them (all columns before a cut,
+        with the low-rank change of soco.factor_rank), so that the forward does not compute them
+        twice; by default they are computed here.
         """
         if self.U0 is None:
             raise RuntimeError("factor_change needs U0: build the module with anchors_u=True")
@@ -202,10 +231,8 @@ class ScoredLinear(nn.Module):
         weight = self.mask * (self.effective_score().detach() * self.sigma.detach()) ** 2
         if self.kept is not None:  # the pruned components are left out of the computation here too
             weight = weight[self.kept]
-            if U is None:
-                U = self.U[:, self.kept]
-        elif U is None:
-            U = self.U
+        if U is None:
+            U = self.output_factor(self.kept)
         return (weight * (U - self.U0).pow(2).sum(0)).sum() / energy.sum().clamp_min(1e-30)
 
     def narrow_anchor(self, kept: torch.Tensor) -> None:
@@ -223,6 +250,17 @@ class ScoredLinear(nn.Module):
             columns = torch.searchsorted(self.kept, kept)
         self.U0 = self.U0[:, columns.to(self.U0.device)].contiguous()
 
+    def output_factor(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """U (its `columns`, or all) with the trained low-rank change with soco.factor_rank; U and
+        that change are detached while the factors are held fixed (factor_trains off)."""
+        U = self.U if columns is None else self.U[:, columns]
+        up, down = self.u_up, self.u_down
+        if down is not None and columns is not None:
+            down = down[:, columns]
+        if not self.factor_trains:
+            U, up, down = U.detach(), None if up is None else up.detach(), None if down is None else down.detach()
+        return trained_u(U, up, down)
+
     def input_factor(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Vt (its `rows`, or all), shifted by the trained change with soco.factor_vt; that change
         is detached while the factors are held fixed (factor_trains off)."""
@@ -236,11 +274,11 @@ class ScoredLinear(nn.Module):
         # The soft count is computed here, while (under ZeRO-3) this module's parameters are gathered.
         self.last_soft_count = self.gates().sum() * self.cost
         self.last_deviation = self.deviation() if self.measures_deviation else None
-        U = self.U if self.factor_trains else self.U.detach()
         if self.kept is None:
-            Vt, multiplier = self.input_factor(), self.scale() * self.sigma * self.mask
+            U, Vt, multiplier = self.output_factor(), self.input_factor(), self.scale() * self.sigma * self.mask
         else:  # the pruned components are left out, not multiplied by 0 (their mask)
-            U, Vt, multiplier = U[:, self.kept], self.input_factor(self.kept), (self.scale() * self.sigma)[self.kept]
+            U, Vt = self.output_factor(self.kept), self.input_factor(self.kept)
+            multiplier = (self.scale() * self.sigma)[self.kept]
         # U's distance from U0 (soco.factor_anchor), only where a step trains U: an evaluation
         # without gradients has no use for it
         anchored = self.U0 is not None and self.factor_trains and torch.is_grad_enabled()
@@ -255,7 +293,7 @@ class ScoredLinear(nn.Module):
 
         The same fold as the learned files (`fold`), its magnitudes split as sqrt on both sides.
         """
-        U, sigma, Vt = fold(self.U.detach(), (self.sigma * self.mask).detach(), self.input_factor().detach(),
+        U, sigma, Vt = fold(self.output_factor().detach(), (self.sigma * self.mask).detach(), self.input_factor().detach(),
                             self.effective_score().detach(), keep, self.in_scale.detach(), self.out_scale.detach())
         root = sigma.sqrt()
         return (U * root[None, :]).contiguous(), (root[:, None] * Vt).contiguous()

@@ -12,7 +12,7 @@ from soco.lowrank import LowRankLinear
 from soco.objective import SoCoObjective, distilled_layers, hidden_distance, teacher_topk, topk_kl
 from soco.schedule import ScheduleConfig, ScheduleState, Stage, ThreeStageSchedule
 from soco.scores import (ScoredLinear, active_params, apply_cut, exact_count, fold, scored_modules, soft_count,
-                         trained_vt)
+                         trained_u, trained_vt)
 
 
 def _tiny_scored_model(tiny_llama, anchors_u: bool = False):
@@ -478,6 +478,47 @@ def test_factors_held_fixed_have_no_gradient_and_the_same_output():
         assert g[:, [0, 2]].abs().sum() > 0 and g[:, [1, 3]].abs().sum() == 0
 
 
+def test_low_rank_change_of_u_is_u_plus_up_down_everywhere():
+    """soco.factor_rank: U stays as decomposed and U + up @ down is the output factor. At the
+    start (up = 0) the output is the plain module's; once up moves, the forward, the fold and
+    U's anchor all see U + up @ down, before and after a cut (the pruned components' columns of
+    down left out); the gradient reaches up and the kept columns of down, and neither while
+    the factors are held fixed. The start is the generator's alone, so every rank draws the same."""
+    torch.manual_seed(0)
+    plain = _scored(7, 5, 4)
+    torch.manual_seed(0)
+    m, x = _scored(7, 5, 4, anchors_u=True, u_rank=2), torch.randn(3, 5)
+    assert plain.u_up is None and plain.u_down is None and trained_u(plain.U, None, None) is plain.U
+    assert m.u_up.shape == (7, 2) and m.u_down.shape == (2, 4) and not m.u_up.any()
+    assert torch.equal(m(x), plain(x)) and float(m.factor_change()) == 0.0
+    torch.manual_seed(0)
+    assert torch.equal(_scored(7, 5, 4, u_rank=2).u_down, m.u_down)  # the same generator, the same start
+    with torch.no_grad():
+        m.u_up.copy_(0.3 * torch.randn(7, 2, generator=torch.Generator().manual_seed(1)))
+        m.score.copy_(torch.tensor([1.2, 0.7, -0.4, 1.0]))
+    U = m.U + m.u_up @ m.u_down
+
+    def dense(keep: torch.Tensor) -> torch.Tensor:
+        return U[:, keep] @ torch.diag((m.score * m.sigma)[keep]) @ m.Vt[keep]
+
+    assert torch.allclose(m(x), x @ dense(torch.arange(4)).T, atol=1e-6)
+    assert math.isclose(float(m.factor_change()), float(((U - m.U) * m.score * m.sigma).pow(2).sum() / m.sigma.pow(2).sum()),
+                        rel_tol=1e-5)
+    up, down = m.folded(torch.arange(4))
+    assert torch.allclose(up @ down, dense(torch.arange(4)), atol=1e-6)
+    apply_cut({"m": m}, {"m": torch.tensor([0, 3])})
+    assert torch.allclose(m(x), x @ dense(torch.tensor([0, 3])).T, atol=1e-6)
+    for p in (m.u_up, m.u_down):
+        p.requires_grad_(True)
+    m(x).sum().backward()
+    assert m.u_up.grad.abs().sum() > 0
+    assert m.u_down.grad[:, [0, 3]].abs().sum() > 0 and m.u_down.grad[:, [1, 2]].abs().sum() == 0
+    m.u_up.grad = m.u_down.grad = None
+    m.factor_trains = False
+    m(x).sum().backward()
+    assert m.u_up.grad is None and m.u_down.grad is None and m.score.grad is not None
+
+
 def test_vt_change_is_relative_to_each_rows_norm():
     """Vt's trained change is counted in units of its row's norm: zero changes nothing (the
     same output as a matrix that does not train Vt, which allocates no change at all), and the
@@ -568,8 +609,9 @@ def test_the_anchor_keeps_a_trained_u_near_the_decomposed_one(tiny_llama):
     assert 0 < moved[100.0] < 0.5 * moved[0.0]
 
 
-def _scored(m: int, n: int, k: int, trains_vt: bool = False, anchors_u: bool = False) -> ScoredLinear:
+def _scored(m: int, n: int, k: int, trains_vt: bool = False, anchors_u: bool = False, u_rank: int = 0
+            ) -> ScoredLinear:
     """A ScoredLinear over the top-k SVD factors of a random m x n matrix (float32)."""
     f = svd_factors(torch.randn(m, n, dtype=torch.float64))
     return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float(), trains_vt=trains_vt,
-                        anchors_u=anchors_u)
+                        anchors_u=anchors_u, u_rank=u_rank, u_generator=torch.Generator().manual_seed(3))

@@ -73,22 +73,28 @@ def test_zero2_prunes_by_fisher_like_zero3(tmp_path, tiny_llama, text_file):
     assert all(float(v.sum()) > 0 for k, v in saved.items() if k.endswith(".fisher"))
 
 
-@pytest.mark.parametrize("factor_vt", [False, True])
-def test_factor_lr_trains_the_factors_and_the_checkpoint_holds_them(tmp_path, tiny_llama, text_file, factor_vt):
-    """soco.factor_lr trains every matrix's U with the scores (and its Vt with soco.factor_vt):
-    the final scores file holds what trained, it moved away from svd-llm's factors, what did
-    not train is neither saved nor changed, and the learned factors fold exactly those."""
+@pytest.mark.parametrize("factor_vt,factor_rank", [(False, 0), (True, 0), (False, 2)])
+def test_factor_lr_trains_the_factors_and_the_checkpoint_holds_them(tmp_path, tiny_llama, text_file, factor_vt,
+                                                                     factor_rank):
+    """soco.factor_lr trains every matrix's U with the scores (and its Vt with soco.factor_vt;
+    with soco.factor_rank a rank-2 change up @ down of U instead of U itself): the final scores
+    file holds what trained, it moved away from svd-llm's factors, what did not train is
+    neither saved nor changed, and the learned factors fold exactly those."""
     from cluster.storage import Storage
     from pipeline.stages.decompose import load_layer_factors
     from pipeline.stages.learn import load_layer_learned
     from soco.scores import fold
-    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_vt=factor_vt),
-                      progress=False)
+    report = compress(soco_config(tiny_llama, tmp_path / "run", text_file, factor_lr=1e-3, factor_vt=factor_vt,
+                                  factor_rank=factor_rank), progress=False)
     assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
     store = Storage(str(tmp_path / "run"))
     saved, _, _ = _final_scores(tmp_path / "run")
     name = "model.layers.0.self_attn.q_proj"
     factors = {k: v.float() for k, v in load_layer_factors(store, 0)["self_attn.q_proj"].items()}
+    if factor_rank:  # U itself neither trained nor saved: its change, rank 2
+        assert f"{name}.U" not in saved and saved[f"{name}.u_up"].shape == (factors["U"].shape[0], 2)
+        assert saved[f"{name}.u_down"].shape == (2, factors["U"].shape[1]) and saved[f"{name}.u_up"].abs().sum() > 0
+        saved[f"{name}.U"] = factors["U"] + saved[f"{name}.u_up"] @ saved[f"{name}.u_down"]
     assert saved[f"{name}.U"].shape == factors["U"].shape
     assert not torch.allclose(saved[f"{name}.U"], factors["U"])
     if factor_vt:  # Vt's change, in units of its rows' norms
@@ -284,12 +290,14 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
     assert int(scores8["fisher.steps"][0]) == 8 and int(scores12["fisher.steps"][0]) == 12
 
 
-@pytest.mark.parametrize("zero_stage", [3, 2])
-def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama, text_file, zero_stage):
+@pytest.mark.parametrize("zero_stage,factor_rank", [(3, 0), (2, 2)])
+def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama, text_file, zero_stage,
+                                                           factor_rank):
     """Stopped after step 8 and resumed from that checkpoint (scores, schedule, Fisher, average
     and Adam's moments and step counts), the learn stage takes exactly the steps an
-    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical. U and
-    Vt's change train from refinement on, so Adam has three parameter groups, two started later."""
+    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical. U (or,
+    under ZeRO-2 here, its rank-2 change up @ down: soco.factor_rank) and Vt's change train from
+    refinement on, so Adam has three (four) parameter groups, all but the scores' started later."""
     from dataclasses import replace
 
     from cluster.storage import Storage
@@ -299,7 +307,7 @@ def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama,
     from pipeline.stages.learning.scored_model import load_scores
     from pipeline.stages.learning.trainer import train_worker
     knobs = dict(checkpoint_every=4, coarse_max_steps=3, refine_steps=20, eval_every=100, zero_stage=zero_stage,
-                 factor_lr=1e-3, factor_from="refine", factor_vt=True)
+                 factor_lr=1e-3, factor_from="refine", factor_vt=True, factor_rank=factor_rank)
     whole = soco_config(tiny_llama, tmp_path / "whole", text_file, max_steps=12, **knobs)
     run_compress(whole, progress=False)
     cut = soco_config(tiny_llama, tmp_path / "cut", text_file, max_steps=8, **knobs)
@@ -307,7 +315,8 @@ def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama,
     store = Storage(str(tmp_path / "cut"))
     saved8, _, _ = load_scores(store, "scores/step-000008.safetensors")
     assert int(saved8["optimizer.step"][0]) == 8
-    assert all(any(k.endswith(f".{part}.exp_avg_sq") for k in saved8) for part in ("U", "vt_delta"))
+    parts = ("u_up", "u_down", "vt_delta") if factor_rank else ("U", "vt_delta")
+    assert all(any(k.endswith(f".{part}.exp_avg_sq") for k in saved8) for part in parts)
     job = learn_job(cut, Plan.from_json(store.read_json("factors/plan.json")), store, resume=True, progress=False)
     train_worker({"job": replace(job, soco=replace(job.soco, max_steps=12))})
     a, state_a, curve_a = load_scores(Storage(str(tmp_path / "whole")), "scores/step-000012.safetensors")

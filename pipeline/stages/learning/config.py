@@ -15,7 +15,7 @@ EXECUTION_ONLY = {"execution_only": True}
 #: the stages soco.factor_from may name (soco.schedule.Stage, lower case)
 FACTOR_STAGES = ("coarse", "refine", "sparsify")
 #: the trained parts that are factors (soco.factor_lr, soco.factor_vt): held fixed before soco.factor_from
-FACTOR_PARTS = ("U", "vt_delta")
+FACTOR_PARTS = ("U", "u_up", "u_down", "vt_delta")
 
 
 @dataclass
@@ -44,6 +44,11 @@ class SocoConfig:
     # its gradient is not computed (Adam counts its steps but skips their update). From
     # `sparsify` U adapts to the pruned network only, where its gain was measured (README).
     factor_from: str = "coarse"
+    # 0 = U itself trains (every candidate's output direction, with its gradient and Adam moments:
+    # a full fine-tune's state at 70B); r > 0 = U stays as decomposed and a rank-r change of it
+    # trains instead, U + up @ down (LoRA's form; soco.scores.trained_u): r(m + k) numbers per
+    # matrix where U is m x k, and a change with less room to fit the calibration windows
+    factor_rank: int = 0
     # whether U's Adam counts the steps it sat idle before factor_from in its bias correction.
     # true (every figure measured before it existed): U's first trained steps are larger than
     # factor_lr (about twice over the first 50 after the 130 steps of coarse and refine);
@@ -92,7 +97,7 @@ class SocoConfig:
         if self.channel_scales:
             rates |= {"in_scale": self.scale_lr, "out_scale": self.scale_lr}
         if self.factor_lr > 0:
-            rates["U"] = self.factor_lr
+            rates |= {"u_up": self.factor_lr, "u_down": self.factor_lr} if self.factor_rank else {"U": self.factor_lr}
             if self.factor_vt:
                 rates["vt_delta"] = self.factor_lr
         if self.gate == "hard_concrete":
@@ -117,6 +122,11 @@ class SocoConfig:
             raise UserError(f"soco.average_decay must be in [0, 1) (0 = off), got {self.average_decay}")
         if isinstance(self.factor_lr, bool) or not isinstance(self.factor_lr, (int, float)) or self.factor_lr < 0:
             raise UserError(f"soco.factor_lr must be a number of at least 0 (0 = U frozen), got {self.factor_lr!r}")
+        if isinstance(self.factor_rank, bool) or not isinstance(self.factor_rank, int) or self.factor_rank < 0:
+            raise UserError(f"soco.factor_rank must be an integer of at least 0 (0 = U itself trains), "
+                            f"got {self.factor_rank!r}")
+        if self.factor_rank and not self.factor_lr > 0:
+            raise UserError("soco.factor_rank trains a low-rank change of U at soco.factor_lr: set soco.factor_lr above 0")
         if self.factor_vt and not self.factor_lr > 0:
             raise UserError("soco.factor_vt trains Vt at soco.factor_lr: set soco.factor_lr above 0")
         if isinstance(self.factor_anchor, bool) or not isinstance(self.factor_anchor, (int, float)) \

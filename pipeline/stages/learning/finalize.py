@@ -14,7 +14,7 @@ from cluster.storage import Storage
 from soco.allocate import out_of_order_share, select_components
 from soco.importance import FisherImportance, pruning_importance
 from soco.schedule import ScheduleState
-from soco.scores import effective_score, fold, trained_vt
+from soco.scores import effective_score, fold, trained_u, trained_vt
 
 from ...plan import Plan
 from ..decompose import load_layer_factors
@@ -53,7 +53,8 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
                   layers_name: str, n_layers: int) -> dict[str, float]:
     """learned/ files: each layer's kept components with s * sigma and the channel scales folded
     in (s times the hard-concrete gates' deterministic value with those gates), U (and Vt) as
-    trained when soco.factor_lr (and soco.factor_vt) trained them (hard-on components exactly
+    trained when soco.factor_lr (its low-rank change with soco.factor_rank, and Vt with
+    soco.factor_vt) trained them (hard-on components exactly
     as trained). Returns each matrix's out-of-order share."""
     shares = {}
     for i in range(n_layers):
@@ -62,7 +63,8 @@ def write_learned(store: Storage, saved: dict[str, torch.Tensor], keep: dict[str
             full = f"{layers_name}.{i}.{name}"
             k = keep[full]
             out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.Vt"] = fold(
-                saved.get(f"{full}.U", f["U"]), f["sigma"], trained_vt(f["Vt"], saved.get(f"{full}.vt_delta")),
+                trained_u(saved.get(f"{full}.U", f["U"]), saved.get(f"{full}.u_up"), saved.get(f"{full}.u_down")),
+                f["sigma"], trained_vt(f["Vt"], saved.get(f"{full}.vt_delta")),
                 effective_score(saved[f"{full}.score"], saved.get(f"{full}.log_alpha")), k,
                 saved.get(f"{full}.in_scale"), saved.get(f"{full}.out_scale"))
             shares[full] = out_of_order_share(f["sigma"], k)

@@ -1,7 +1,8 @@
 """The scored model (every planned linear a ScoredLinear over its factors) and its score checkpoints.
 
 A score checkpoint (scores/*.safetensors) holds the trained tensors as `<module>.score`
-(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it,
+(and `.in_scale`/`.out_scale` with channel scales, `.U` when soco.factor_lr trains it, or
+`.u_up`/`.u_down` when soco.factor_rank trains a low-rank change of it instead,
 `.vt_delta` with soco.factor_vt, `.log_alpha` with hard-concrete gates), `<module>.mask`, the Fisher importance
 and the iterate average (soco/importance.py, soco/averaging.py), with the schedule state and
 the training curve as JSON metadata (`state`, `curve`).
@@ -32,7 +33,8 @@ SCORE_PARTS = ("score", "log_alpha")
 
 def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype = torch.float32,
                        partitioned: Callable[[], AbstractContextManager] | None = None,
-                       trains_vt: bool = False, anchors_u: bool = False) -> nn.Module:
+                       trains_vt: bool = False, anchors_u: bool = False, u_rank: int = 0,
+                       seed: int = 0) -> nn.Module:
     """The model with every planned linear replaced by a ScoredLinear over its factors.
 
     Built one layer at a time: the dense layer is read, its linears swapped for the
@@ -41,12 +43,15 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
     the factors are partitioned across the ZeRO-3 ranks as each matrix is built, so a rank
     holds its share of the factored model plus one dense layer. `trains_vt` (soco.factor_vt)
     gives every matrix the trained change of its Vt; `anchors_u` (soco.factor_anchor) a copy
-    of its decomposed U (whole on every rank: a buffer, not partitioned).
+    of its decomposed U (whole on every rank: a buffer, not partitioned); `u_rank`
+    (soco.factor_rank) a trained rank-`u_rank` change of its U, whose random start is drawn from
+    `seed` and the matrix's place in the model, so that every rank draws the same.
     """
     model = build_skeleton(source.config, dtype)
     lw = LayerwiseModel(model, source, dtype)
     lw.load_non_layer()
     layers_name, layers = find_layers(model)
+    built = 0
     for i, layer in enumerate(layers):
         factors = load_layer_factors(store, i)
         materialise(model, layer, f"{layers_name}.{i}", source, dtype)
@@ -55,8 +60,9 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
             bias = None if lin.bias is None else lin.bias.detach()
             with partitioned() if partitioned else contextlib.nullcontext():
                 scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias, trains_vt,
-                                      anchors_u)
+                                      anchors_u, u_rank, torch.Generator().manual_seed(seed * 1_000_003 + built))
             layer.set_submodule(name, scored)
+            built += 1
     for p in model.parameters():
         p.requires_grad_(False)
     for m in scored_modules(model).values():
