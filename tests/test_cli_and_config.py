@@ -31,7 +31,8 @@ def test_shipped_configs_load(path):
 def test_levers_config_sets_the_measured_levers():
     soco = load_config(str(ROOT / "configs" / "soco-levers.yaml")).soco
     assert (soco.factor_lr, soco.factor_from, soco.hidden_layers, soco.hidden_weight) == (1e-4, "sparsify", 4, 4.0)
-    assert (soco.schedule.sparsify_steps, soco.schedule.sparsify_patience, soco.max_steps) == (400, 4, 600)
+    assert (soco.schedule.sparsify_steps, soco.schedule.sparsify_patience, soco.max_steps) == (600, 4, 800)
+    assert soco.average_decay == 0.97
 
 
 def test_overrides_are_typed():
