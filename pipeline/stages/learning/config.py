@@ -14,7 +14,7 @@ from ...errors import UserError
 EXECUTION_ONLY = {"execution_only": True}
 #: the stages soco.factor_from may name (soco.schedule.Stage, lower case)
 FACTOR_STAGES = ("coarse", "refine", "sparsify")
-#: the trained parts that are factors (soco.factor_lr, soco.factor_vt): held fixed before soco.factor_from
+#: the trained parts that are factors (soco.factor_lr, soco.factor_rank, soco.factor_vt): held fixed before soco.factor_from
 FACTOR_PARTS = ("U", "u_up", "u_down", "vt_delta")
 
 
