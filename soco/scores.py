@@ -123,8 +123,7 @@ class ScoredLinear(nn.Module):
     """
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor, bias: torch.Tensor | None = None,
-                 trains_vt: bool = False, anchors_u: bool = False, u_rank: int = 0,
-                 u_generator: torch.Generator | None = None) -> None:
+                 trains_vt: bool = False, anchors_u: bool = False, u_rank: int = 0, u_seed: int = 0) -> None:
         super().__init__()
         self.out_features, self.rank = U.shape
         self.in_features = Vt.shape[1]
@@ -144,8 +143,8 @@ class ScoredLinear(nn.Module):
         self.register_parameter("vt_delta", nn.Parameter(torch.zeros_like(Vt), requires_grad=False)
                                 if trains_vt else None)
         # the trained low-rank change of U (trained_u), only with soco.factor_rank: up (m x r, from 0)
-        # and down (r x rank), r(m + rank) numbers where U itself is m x rank; None by default
-        up, down = (low_rank_start(self.out_features, u_rank, self.rank, u_generator or torch.Generator(), U.dtype)
+        # and down (r x rank, drawn from u_seed), r(m + rank) numbers where U itself is m x rank; None by default
+        up, down = (low_rank_start(self.out_features, u_rank, self.rank, torch.Generator().manual_seed(u_seed), U.dtype)
                     if u_rank else (None, None))
         self.register_parameter("u_up", None if up is None else nn.Parameter(up, requires_grad=False))
         self.register_parameter("u_down", None if down is None else nn.Parameter(down, requires_grad=False))
@@ -253,13 +252,9 @@ class ScoredLinear(nn.Module):
     def output_factor(self, columns: torch.Tensor | None = None) -> torch.Tensor:
         """U (its `columns`, or all) with the trained low-rank change with soco.factor_rank; U and
         that change are detached while the factors are held fixed (factor_trains off)."""
-        U = self.U if columns is None else self.U[:, columns]
-        up, down = self.u_up, self.u_down
-        if down is not None and columns is not None:
-            down = down[:, columns]
-        if not self.factor_trains:
-            U, up, down = U.detach(), None if up is None else up.detach(), None if down is None else down.detach()
-        return trained_u(U, up, down)
+        down = self.u_down if self.u_down is None or columns is None else self.u_down[:, columns]
+        U = trained_u(self.U if columns is None else self.U[:, columns], self.u_up, down)
+        return U if self.factor_trains else U.detach()
 
     def input_factor(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Vt (its `rows`, or all), shifted by the trained change with soco.factor_vt; that change

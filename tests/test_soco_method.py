@@ -492,7 +492,7 @@ def test_low_rank_change_of_u_is_u_plus_up_down_everywhere():
     assert m.u_up.shape == (7, 2) and m.u_down.shape == (2, 4) and not m.u_up.any()
     assert torch.equal(m(x), plain(x)) and float(m.factor_change()) == 0.0
     torch.manual_seed(0)
-    assert torch.equal(_scored(7, 5, 4, u_rank=2).u_down, m.u_down)  # the same generator, the same start
+    assert torch.equal(_scored(7, 5, 4, u_rank=2).u_down, m.u_down)  # the same seed, the same start
     with torch.no_grad():
         m.u_up.copy_(0.3 * torch.randn(7, 2, generator=torch.Generator().manual_seed(1)))
         m.score.copy_(torch.tensor([1.2, 0.7, -0.4, 1.0]))
@@ -614,4 +614,4 @@ def _scored(m: int, n: int, k: int, trains_vt: bool = False, anchors_u: bool = F
     """A ScoredLinear over the top-k SVD factors of a random m x n matrix (float32)."""
     f = svd_factors(torch.randn(m, n, dtype=torch.float64))
     return ScoredLinear(f.U[:, :k].float(), f.sigma[:k].float(), f.Vt[:k].float(), trains_vt=trains_vt,
-                        anchors_u=anchors_u, u_rank=u_rank, u_generator=torch.Generator().manual_seed(3))
+                        anchors_u=anchors_u, u_rank=u_rank, u_seed=3)

@@ -60,7 +60,7 @@ def build_scored_model(source: ModelSource, store: Storage, dtype: torch.dtype =
             bias = None if lin.bias is None else lin.bias.detach()
             with partitioned() if partitioned else contextlib.nullcontext():
                 scored = ScoredLinear(f["U"].to(dtype), f["sigma"].to(dtype), f["Vt"].to(dtype), bias, trains_vt,
-                                      anchors_u, u_rank, torch.Generator().manual_seed(seed * 1_000_003 + built))
+                                      anchors_u, u_rank, seed * 1_000_003 + built)
             layer.set_submodule(name, scored)
             built += 1
     for p in model.parameters():

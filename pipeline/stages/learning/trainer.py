@@ -62,7 +62,7 @@ class Trainer:
                                         partitioned=lambda: zero.partitioned_init(s.zero_stage, micro_batch,
                                                                                   torch.float32),
                                         trains_vt=s.factor_vt, anchors_u=s.factor_anchor > 0,
-                                        u_rank=s.factor_rank if s.factor_lr > 0 else 0, seed=s.seed)
+                                        u_rank=s.factor_rank, seed=s.seed)
         if s.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()  # HF recomputes layers only in training mode (these models have no dropout)
