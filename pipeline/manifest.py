@@ -9,7 +9,9 @@ fields it declares, the fields the method adds for it, and the key of the stage 
 (so a change upstream reruns everything after). Calibration depends on the model and the
 data, not on the ratio. A stage whose key matches a committed entry is skipped; otherwise it
 and every later stage run again. This one rule gives resume after a failure and cheap
-sweeps: a second ratio in the same run folder reuses the calibration.
+sweeps: a second ratio in the same run folder reuses the calibration. One refinement: a
+stage may declare `extendable` fields (SoCo's learn: its step caps); when only those were
+raised since its entry was written, it goes on from its checkpoints (`extension`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 
 from cluster.storage import Storage
 
-from .config import Config, value_at
+from .config import Config, from_dict, value_at
 from .errors import UserError
 from .stages.base import Stage
 
@@ -44,6 +46,7 @@ class Manifest:
     def __init__(self, store: Storage, cfg: Config, stages: Sequence[Stage]) -> None:
         self.store, self.cfg = store, cfg
         self.names = [s.name for s in stages]
+        self.stage_list = list(stages)
         self.keys = stage_keys(cfg, stages)
         try:
             old = store.read_json("manifest.json") if store.exists("manifest.json") else {}
@@ -112,6 +115,34 @@ class Manifest:
                               "adopted_from": donor.url()}
         self.save()
         return True
+
+    def extension(self, stage: Stage, entry: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The `stage.extendable` fields that were raised since the run that wrote `entry`
+        (the stage's entry before this invocation, finished or not), {path: (old, new)}, when
+        that is all that changed of the stage's inputs (its key with the old values equals the
+        entry's) and the stage says its old run is the start of the new one; else empty."""
+        if not stage.extendable or not entry.get("key") or not self.previous_config:
+            return {}
+        data, raised = self.cfg.to_dict(), {}
+        for path in stage.extendable:
+            *parents, leaf = path.split(".")
+            old_node, node = self.previous_config, data
+            for p in parents:
+                old_node, node = (old_node or {}).get(p), node[p]
+            if not isinstance(old_node, dict) or leaf not in old_node:
+                return {}
+            if old_node[leaf] != node[leaf]:
+                raised[path] = (old_node[leaf], node[leaf])
+            node[leaf] = old_node[leaf]
+        if not raised:
+            return {}
+        try:
+            old_cfg = from_dict(data)
+        except UserError:
+            return {}
+        if stage_keys(old_cfg, self.stage_list)[stage.name] != entry["key"] or not stage.continues(old_cfg, self.cfg):
+            return {}
+        return raised
 
     def invalidate_from(self, stage: str) -> None:
         """Forget this stage and every later one (and entries of stages this run does not have)."""

@@ -184,6 +184,12 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
             prev = previous.get(stage.name) or {}
             # the stage this run was interrupted in, with the same inputs, goes on from its checkpoints
             resume = not stale and prev.get("key") == man.keys[stage.name] and prev.get("status") != "done"
+            # ... as does one whose earlier run only had lower caps (Stage.extendable)
+            raised = man.extension(stage, prev) if not stale and not resume else {}
+            if raised:
+                print(f"soco: {stage.name}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in raised.items())
+                      + ": going on from the earlier run's checkpoints", file=sys.stderr, flush=True)
+                resume = True
             if not stale:
                 man.invalidate_from(stage.name)
                 stale = True

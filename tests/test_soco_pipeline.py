@@ -292,24 +292,20 @@ def test_resume_from_score_checkpoint_continues_at_the_same_step(tmp_path, tiny_
 
 @pytest.mark.parametrize("zero_stage,factor_rank", [(3, 0), (2, 2)])
 def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama, text_file, zero_stage,
-                                                           factor_rank):
-    """Stopped after step 8 and resumed from that checkpoint (scores, schedule, Fisher, average
-    and Adam's moments and step counts), the learn stage takes exactly the steps an
-    uninterrupted run takes: every tensor of the step-12 checkpoint is bit-identical. U (or,
-    under ZeRO-2 here, its rank-2 change up @ down: soco.factor_rank) and Vt's change train from
-    refinement on, so Adam has three (four) parameter groups, all but the scores' started later."""
-    from dataclasses import replace
-
+                                                           factor_rank, capsys):
+    """A run that ended at its cap (soco.max_steps 8), run again in the same folder with a
+    higher cap (12), goes on from its step-8 checkpoint (scores, schedule, Fisher, average and
+    Adam's moments and step counts) and takes exactly the steps an uninterrupted 12-step run
+    takes: every tensor of the step-12 checkpoint is bit-identical. U (or, under ZeRO-2 here,
+    its rank-2 change up @ down: soco.factor_rank) and Vt's change train from refinement on, so
+    Adam has three (four) parameter groups, all but the scores' started later."""
     from cluster.storage import Storage
-    from pipeline.plan import Plan
     from pipeline.run import compress as run_compress
-    from pipeline.stages.learning.job import learn_job
     from pipeline.stages.learning.scored_model import load_scores
-    from pipeline.stages.learning.trainer import train_worker
     knobs = dict(checkpoint_every=4, coarse_max_steps=3, refine_steps=20, eval_every=100, zero_stage=zero_stage,
                  factor_lr=1e-3, factor_from="refine", factor_vt=True, factor_rank=factor_rank)
     whole = soco_config(tiny_llama, tmp_path / "whole", text_file, max_steps=12, **knobs)
-    run_compress(whole, progress=False)
+    whole_report = run_compress(whole, progress=False)
     cut = soco_config(tiny_llama, tmp_path / "cut", text_file, max_steps=8, **knobs)
     run_compress(cut, progress=False)
     store = Storage(str(tmp_path / "cut"))
@@ -317,13 +313,16 @@ def test_a_resumed_learn_stage_equals_an_uninterrupted_one(tmp_path, tiny_llama,
     assert int(saved8["optimizer.step"][0]) == 8
     parts = ("u_up", "u_down", "vt_delta") if factor_rank else ("U", "vt_delta")
     assert all(any(k.endswith(f".{part}.exp_avg_sq") for k in saved8) for part in parts)
-    job = learn_job(cut, Plan.from_json(store.read_json("factors/plan.json")), store, resume=True, progress=False)
-    train_worker({"job": replace(job, soco=replace(job.soco, max_steps=12))})
+    capsys.readouterr()
+    longer = run_compress(soco_config(tiny_llama, tmp_path / "cut", text_file, max_steps=12, **knobs), progress=False)
+    assert longer["resumed_stages"] == ["calibrate", "decompose"] and longer["continued_stages"] == ["learn"]
+    assert "learn: soco.max_steps 8 -> 12: going on from the earlier run's checkpoints" in capsys.readouterr().err
     a, state_a, curve_a = load_scores(Storage(str(tmp_path / "whole")), "scores/step-000012.safetensors")
     b, state_b, curve_b = load_scores(store, "scores/step-000012.safetensors")
     assert a.keys() == b.keys() and int(b["optimizer.step"][0]) == 12
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert [e["kl"] for e in curve_a] == [e["kl"] for e in curve_b]
+    assert longer["perplexity"] == whole_report["perplexity"]
 
 
 def test_zero3_builds_the_factors_already_partitioned(tmp_path, tiny_llama, text_file, monkeypatch):

@@ -63,6 +63,16 @@ class Stage(ABC):
     contract: str = "1"
     fields: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # files and folders it commits: their checksums go into the manifest
+    #: config fields (dotted paths) that only bound how long the stage runs: when nothing else
+    #: of its inputs changed and `continues(old, new)` holds, a run of the stage under the old
+    #: values (finished or interrupted) goes on from its checkpoints instead of starting again
+    extendable: tuple[str, ...] = ()
+
+    def continues(self, old: "Config", new: "Config") -> bool:
+        """Whether what the stage computed under `old` is the beginning of what it computes
+        under `new`, two configs that differ only in `extendable` fields. Only a stage that
+        declares such fields is ever asked."""
+        return False
 
     def key_extra(self, method: "Method") -> list[str]:
         """What else of the method the output depends on (calibrate: its statistics)."""

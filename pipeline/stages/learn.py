@@ -98,6 +98,21 @@ class Learn(Stage):
     name = "learn"
     contract = "1"
     outputs = ("teacher", "scores/final.safetensors", "learned", FINAL_PLAN, "learn.json")
+    extendable = ("soco.max_steps", "soco.schedule.sparsify_steps", "soco.schedule.sparsify_patience")
+
+    def continues(self, old: Config, new: Config) -> bool:
+        """Raising the step caps or the hard stage's patience changes no step taken before
+        the old run ended, so its last checkpoint (written before the schedule ended, see
+        trainer.py) is where the longer run goes on. Not when the hard stage's step decays
+        over its cap (`soco.schedule.hard_lr_end` < 1): a longer cap changes every step after
+        the cut. Lowering any of them is not a continuation (the stage runs again)."""
+        o, n = old.soco, new.soco
+
+        def hard_patience(s: Any) -> int:  # 0 means the refinement's patience
+            return s.schedule.sparsify_patience or s.schedule.patience
+
+        return (n.schedule.hard_lr_end == 1.0 and n.max_steps >= o.max_steps
+                and n.schedule.sparsify_steps >= o.schedule.sparsify_steps and hard_patience(n) >= hard_patience(o))
 
     def run(self, ctx: StageContext) -> None:
         from .decompose import FACTORS_PLAN

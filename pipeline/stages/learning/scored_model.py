@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cluster.storage import Storage
-from soco.schedule import ScheduleState
+from soco.schedule import ScheduleState, Stage
 from soco.scores import ScoredLinear, scored_modules
 
 from ...layerwise import LayerwiseModel
@@ -98,9 +98,14 @@ def periodic_checkpoints(store: Storage) -> list[str]:
 
 
 def latest_checkpoint(store: Storage) -> str | None:
-    """The last periodic checkpoint, if any: where an interrupted learn stage goes on from."""
-    steps = periodic_checkpoints(store)
-    return steps[-1] if steps else None
+    """The last periodic checkpoint written before the schedule ended, if any: where an
+    interrupted learn stage goes on from, and a finished one under a longer cap (one written
+    as the schedule ended could not go on: folders from before the trainer stopped writing
+    such checkpoints may hold one)."""
+    for rel in reversed(periodic_checkpoints(store)):
+        if ScheduleState.from_dict(json.loads(store.tensor_metadata(rel)["state"])).stage != Stage.DONE:
+            return rel
+    return None
 
 
 def drop_old_checkpoints(store: Storage, keep: int) -> None:

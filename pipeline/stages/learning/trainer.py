@@ -264,7 +264,9 @@ class Trainer:
                       + (f"hidden {entry['hidden']:.4f} " if "hidden" in entry else "")
                       + f"soft/target {entry['soft_count'] / self.job.target:.4f}"
                       + (f" holdout {entry['holdout_kl']:.4f}" if "holdout_kl" in entry else ""), flush=True)
-            if sched.state.step % self.soco.checkpoint_every == 0:
+            # none once the schedule has ended: the last periodic checkpoint is then always one
+            # that a longer cap can go on from (Learn.continues); the final scores follow anyway
+            if sched.stage != Stage.DONE and sched.state.step % self.soco.checkpoint_every == 0:
                 self.checkpoint(f"scores/step-{sched.state.step:06d}.safetensors")
                 if self.rank == 0:  # only once the new one is written (save_tensors renames it into place)
                     drop_old_checkpoints(self.store, self.soco.keep_checkpoints)
