@@ -255,11 +255,12 @@ def load_compressed(path: str, dtype: str | torch.dtype | None = None,
     return _assign(source, compressed_skeleton(source.config, dt), dt)
 
 
-def load_dense(path: str, dtype: str | torch.dtype = "float32",
+def load_dense(path: str | ModelSource, dtype: str | torch.dtype = "float32",
                storage_options: dict[str, Any] | None = None) -> nn.Module:
-    """The dense model at `path` (local folder, fsspec URL or bundled:NAME), built the way
-    `load_compressed` builds a checkpoint: meta skeleton, then the shards assigned."""
-    source = ModelSource(path, storage_options)
+    """The dense model at `path` (local folder, fsspec URL or bundled:NAME, or a source
+    already opened), built the way `load_compressed` builds a checkpoint: meta skeleton,
+    then the shards assigned."""
+    source = path if isinstance(path, ModelSource) else ModelSource(path, storage_options)
     dt = _resolve_dtype(dtype)
     return _assign(source, build_skeleton(source.config, dt), dt)
 

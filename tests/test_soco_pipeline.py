@@ -205,6 +205,65 @@ def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_
     assert all(e["hidden"] > 0 for e in curve)
 
 
+def test_generated_windows_continue_training_prompts_and_carry_the_dense_targets(tmp_path, tiny_llama, text_file,
+                                                                                  monkeypatch):
+    """soco.generated_windows = 6: windows sampled from the dense model begin with the first
+    soco.generate_prompt tokens of the training windows (in turn), are full length, carry the
+    dense model's own top-k and layer outputs on them, and training draws batches from them
+    while the held-out evaluation sees only real held-out windows."""
+    from transformers import AutoModelForCausalLM
+    from cluster.storage import Storage
+    from pipeline.stages.calibrate import WINDOWS_FILE
+    from pipeline.stages.learning.generated import GENERATED_FILE
+    from pipeline.stages.learning.trainer import Trainer
+    seen: list[list[int]] = []
+    forward = Trainer.forward
+    monkeypatch.setattr(Trainer, "forward", lambda self, ids, *a, **k: (seen.append(list(ids)),
+                                                                       forward(self, ids, *a, **k))[1])
+    cfg = soco_config(tiny_llama, tmp_path / "run", text_file, hidden_layers=2, generated_windows=6,
+                      generate_prompt=4)
+    report = compress(cfg, progress=False)
+    assert abs(report["achieved_ratio"]["linear"] - 0.4) < 0.005
+    store = Storage(str(tmp_path / "run"))
+    real = store.load_tensors(WINDOWS_FILE)["windows"]
+    gen = store.load_tensors(GENERATED_FILE)
+    n_train = real.shape[0] - SOCO_TINY["holdout_samples"]
+    assert gen["windows"].shape == (6, real.shape[1])
+    assert torch.equal(gen["windows"][:, :4], real[torch.arange(6) % n_train, :4])
+    assert not torch.equal(gen["windows"][:, 4:], real[:6, 4:])  # sampled, not copied
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    outputs = {}
+    for i in (0, 2):
+        dense.model.layers[i].register_forward_hook(
+            lambda _m, _a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        logp = torch.log_softmax(dense(gen["windows"]).logits, -1)
+    torch.testing.assert_close(gen["logp"], logp.gather(-1, gen["idx"].long()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gen["logp"][..., 0], logp.max(-1).values, rtol=1e-4, atol=1e-4)
+    assert json.loads(store.tensor_metadata(GENERATED_FILE)["layers"]) == [0, 2]
+    for j, i in enumerate((0, 2)):
+        torch.testing.assert_close(gen["hidden"][:, j].float(), outputs[i], rtol=1e-2, atol=1e-2)
+    n_real = real.shape[0]
+    trained = {i for ids in seen if len(ids) == SOCO_TINY["batch_size"] for i in ids}
+    held = [ids for ids in seen if len(ids) != SOCO_TINY["batch_size"]]
+    assert trained & set(range(n_real, n_real + 6)), "no step drew a generated window"
+    assert held and all(set(ids) == set(range(n_train, n_real)) for ids in held)
+
+
+def test_sampled_windows_are_seeded_and_leave_the_callers_random_state(tiny_llama):
+    from pipeline.checkpoint import load_dense
+    from pipeline.stages.learning.generated import sample_windows
+    model = load_dense(str(tiny_llama)).eval()
+    prompts = torch.randint(0, model.config.vocab_size, (3, 2), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = sample_windows(model, prompts, 12, 1.0, seed=0, batch_size=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a.shape == (3, 12) and torch.equal(a[:, :2], prompts)
+    assert torch.equal(a, sample_windows(model, prompts, 12, 1.0, seed=0, batch_size=2, progress=False))
+    assert not torch.equal(a, sample_windows(model, prompts, 12, 1.0, seed=1, batch_size=2, progress=False))
+
+
 def test_hard_concrete_gates_keep_the_exact_budget_and_fold_their_value(tmp_path, tiny_llama, text_file):
     """soco.gate = hard_concrete: log alpha trains with the scores, the cut keeps exactly the
     budget, and the learned factors fold s times the gates' deterministic value."""

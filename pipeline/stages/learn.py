@@ -7,6 +7,9 @@ Outputs:
   teacher/hidden.safetensors    with soco.hidden_layers: the dense outputs of the distilled
                                 decoder layers (`hidden`, bfloat16, [windows, layers, tokens, d]),
                                 from a layer-by-layer dense pass on the executor's workers
+  teacher/generated.safetensors with soco.generated_windows: windows sampled from the dense
+                                model and its targets on them (learning/generated.py), trained
+                                on beside the real training windows
   scores/step-000020.safetensors score checkpoints every soco.checkpoint_every steps (the last
                                 soco.keep_checkpoints stay): `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
@@ -40,6 +43,7 @@ from soco.objective import distilled_layers
 
 from ..errors import UserError
 from .learning.finalize import FINAL_PLAN, finalize, learned_file
+from .learning.generated import GENERATED_FILE, cache_generated
 from .learning.job import learn_job
 from .learning.teacher import HIDDEN_FILE, TEACHER_FILE, cache_hidden, cache_teacher
 from .learning.trainer import train_worker
@@ -74,10 +78,13 @@ def run_learn(cfg: Config, source: ModelSource, store: Storage, plan: Plan, dtyp
             store.rm(rel)
     if not store.exists(TEACHER_FILE):
         cache_teacher(source, store, cfg.soco.topk, dtype)
+    distilled = distilled_layers(n_layers, cfg.soco.hidden_layers)
     if cfg.soco.hidden_layers and not store.exists(HIDDEN_FILE):
-        cache_hidden(executor, worker_location(cfg.model), cfg.run.dtype, store,
-                     distilled_layers(n_layers, cfg.soco.hidden_layers), cfg.data.batch_size, progress)
+        cache_hidden(executor, worker_location(cfg.model), cfg.run.dtype, store, distilled, cfg.data.batch_size,
+                     progress)
     executor.release()
+    if cfg.soco.generated_windows and not store.exists(GENERATED_FILE):  # after the release: it uses every core
+        cache_generated(source, store, cfg.soco, distilled, dtype, cfg.data.batch_size, progress)
     if cfg.data.calib_samples - cfg.soco.holdout_samples < 1:
         raise UserError("soco.holdout_samples must leave at least one calibration window for training")
     job = learn_job(cfg, plan, store, resume=resume, progress=progress)

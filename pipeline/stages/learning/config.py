@@ -70,6 +70,13 @@ class SocoConfig:
     # windows (the targets, teacher/hidden.safetensors) and holds its targets in memory.
     hidden_layers: int = 0
     hidden_weight: float = 1.0  # weight of that hidden-state distance beside the KL
+    # training windows sampled from the dense model itself, beside the real ones: each continues
+    # the first generate_prompt tokens of a training window at generate_temperature, and the
+    # dense model's targets on it are cached (pipeline/stages/learning/generated.py). 0 = none.
+    # The whole dense model is loaded into one process for it (models that fit its memory).
+    generated_windows: int = 0
+    generate_prompt: int = 16  # tokens of a real training window that begin each generated one
+    generate_temperature: float = 1.0  # sampling temperature of the generated windows
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
@@ -147,6 +154,17 @@ class SocoConfig:
             raise UserError(f"soco.hidden_layers must be at least 0 (0 = off), got {self.hidden_layers}")
         if self.hidden_weight < 0:
             raise UserError(f"soco.hidden_weight must be at least 0, got {self.hidden_weight}")
+        if isinstance(self.generated_windows, bool) or not isinstance(self.generated_windows, int) \
+                or self.generated_windows < 0:
+            raise UserError(f"soco.generated_windows must be an integer of at least 0 (0 = none), "
+                            f"got {self.generated_windows!r}")
+        if isinstance(self.generate_prompt, bool) or not isinstance(self.generate_prompt, int) \
+                or self.generate_prompt < 1 or (self.generated_windows and self.generate_prompt >= cfg.data.seq_len):
+            raise UserError(f"soco.generate_prompt must be an integer from 1 to data.seq_len - 1 "
+                            f"({cfg.data.seq_len - 1}), got {self.generate_prompt!r}")
+        if isinstance(self.generate_temperature, bool) or not isinstance(self.generate_temperature, (int, float)) \
+                or not self.generate_temperature > 0:
+            raise UserError(f"soco.generate_temperature must be a number above 0, got {self.generate_temperature!r}")
         if self.gate not in GATES:
             raise UserError(f"soco.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if not self.gate_lr > 0:

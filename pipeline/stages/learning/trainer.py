@@ -26,6 +26,7 @@ from soco.scores import active_params, apply_cut, scored_modules
 from ...model_io import ModelSource, find_layers
 from ..calibrate import WINDOWS_FILE
 from .config import FACTOR_PARTS
+from .generated import load_generated
 from .job import LearnJob
 from .scored_model import (BEST_SCORES, FINAL_SCORES, SCORE_PARTS, build_scored_model, drop_old_checkpoints,
                            latest_checkpoint, load_scores, save_scores, saved_keep, trained_tensors)
@@ -111,9 +112,17 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
-        self.n_train = self.windows.shape[0] - s.holdout_samples
-        self.train_ids = list(range(self.n_train))
-        self.hold_ids = list(range(self.n_train, self.windows.shape[0]))
+        n_real = self.windows.shape[0]
+        self.train_ids = list(range(n_real - s.holdout_samples))
+        self.hold_ids = list(range(n_real - s.holdout_samples, n_real))
+        if s.generated_windows:  # trained on beside the real training windows, never held out
+            generated = load_generated(self.store)
+            self.windows = torch.cat([self.windows, generated["windows"]])
+            self.teacher = {k: torch.cat([self.teacher[k], generated[k]]) for k in ("logp", "idx")}
+            if self.teacher_hidden is not None:
+                self.teacher_hidden = torch.cat([self.teacher_hidden, generated["hidden"]])
+            self.train_ids += range(n_real, self.windows.shape[0])
+        self.n_train = len(self.train_ids)
         self.costs = {n: m.cost for n, m in self.mods.items()}
         self.candidates = float(sum(m.rank * self.costs[n] for n, m in self.mods.items()))
         self.fisher = FisherImportance({n: m.rank for n, m in self.mods.items()}, s.fisher_decay)
