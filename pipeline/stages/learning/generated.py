@@ -87,7 +87,7 @@ def sample_windows(model: nn.Module, prompts: torch.Tensor, seq_len: int, temper
 
 @torch.no_grad()
 def dense_targets(model: nn.Module, windows: torch.Tensor, k: int, layers: list[int],
-                  batch_size: int) -> dict[str, torch.Tensor]:
+                  batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
     """The dense model's top-k log-probabilities on `windows` and its outputs of decoder
     `layers` (none: no `hidden`), what teacher/topk and teacher/hidden hold for the calibration
     windows, here from the model's own forward since the whole model is in memory."""
@@ -102,7 +102,8 @@ def dense_targets(model: nn.Module, windows: torch.Tensor, k: int, layers: list[
     hooks = [decoder[i].register_forward_hook(keep(i)) for i in layers]
     logp, idx, hidden = [], [], []
     try:
-        for b in range(0, windows.shape[0], batch_size):
+        for b in tqdm(range(0, windows.shape[0], batch_size), desc="learn: dense targets of the generated windows",
+                      unit="batch", disable=not progress):
             lp, ix = teacher_topk(model(windows[b:b + batch_size], use_cache=False).logits, k)
             logp.append(lp)
             idx.append(ix)
@@ -127,7 +128,7 @@ def cache_generated(source: ModelSource, store: Storage, s: SocoConfig, layers: 
     prompts = prompts_for(windows, n_train, s.generated_windows, s.generate_prompt)
     generated = sample_windows(model, prompts, windows.shape[1], s.generate_temperature, s.seed, batch_size,
                                progress)
-    targets = dense_targets(model, generated, s.topk, layers, batch_size)
+    targets = dense_targets(model, generated, s.topk, layers, batch_size, progress)
     store.save_tensors(GENERATED_FILE, {"windows": generated, **targets}, {"layers": json.dumps(layers)})
 
 
