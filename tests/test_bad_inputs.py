@@ -305,6 +305,7 @@ def test_a_damaged_committed_file_is_recomputed_on_resume(capsys, tmp_path, tiny
     ("soco.generated_windows=-1", "soco.generated_windows must be an integer of at least 0 (0 = none), got -1"),
     ("soco.generate_prompt=0", "soco.generate_prompt must be an integer from 1 to data.seq_len - 1"),
     ("soco.generate_temperature=0", "soco.generate_temperature must be a number above 0, got 0"),
+    ("soco.generated_from=cut", "soco.generated_from must be one of coarse, refine, sparsify, got 'cut'"),
     ("soco.keep_checkpoints=-1", "soco.keep_checkpoints must be at least 0 (0 keeps every one), got -1"),
     ("soco.gate_lr=0", "soco.gate_lr must be above 0"),
     ("soco.refine_steps=3", "did you mean 'soco.schedule.refine_steps'"),

@@ -250,6 +250,26 @@ def test_generated_windows_continue_training_prompts_and_carry_the_dense_targets
     assert held and all(set(ids) == set(range(n_train, n_real)) for ids in held)
 
 
+def test_generated_from_sparsify_draws_generated_windows_only_in_the_hard_stage(tmp_path, tiny_llama, text_file,
+                                                                                 monkeypatch):
+    """soco.generated_from = sparsify: coarse and refinement steps draw real training windows
+    only; the sparsify stage's steps draw generated ones too."""
+    from pipeline.stages.learning.trainer import Trainer
+    from soco.schedule import Stage
+    seen: list[tuple[int, list[int]]] = []
+    forward = Trainer.forward
+    monkeypatch.setattr(Trainer, "forward", lambda self, ids, *a, **k: (
+        seen.append((self.schedule.stage, list(ids))), forward(self, ids, *a, **k))[1])
+    compress(soco_config(tiny_llama, tmp_path / "run", text_file, generated_windows=8, generate_prompt=4,
+                         generated_from="sparsify", sparsify_steps=12, max_steps=40), progress=False)
+    n_real, batch = 16, SOCO_TINY["batch_size"]
+    steps = [(stage, ids) for stage, ids in seen if len(ids) == batch]
+    early = {i for stage, ids in steps if stage < Stage.SPARSIFY for i in ids}
+    hard = {i for stage, ids in steps if stage == Stage.SPARSIFY for i in ids}
+    assert early and max(early) < n_real - SOCO_TINY["holdout_samples"]
+    assert hard & set(range(n_real, n_real + 8)), "no hard-stage step drew a generated window"
+
+
 def test_sampled_windows_are_seeded_and_leave_the_callers_random_state(tiny_llama):
     from pipeline.checkpoint import load_dense
     from pipeline.stages.learning.generated import sample_windows

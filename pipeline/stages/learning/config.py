@@ -12,7 +12,7 @@ from ...errors import UserError
 #: metadata of a field that changes how a run executes, never what it computes: such fields
 #: stay out of the stage keys (pipeline/manifest.py), so changing them reuses committed work.
 EXECUTION_ONLY = {"execution_only": True}
-#: the stages soco.factor_from may name (soco.schedule.Stage, lower case)
+#: the stages soco.factor_from and soco.generated_from may name (soco.schedule.Stage, lower case)
 FACTOR_STAGES = ("coarse", "refine", "sparsify")
 #: the trained parts that are factors (soco.factor_lr, soco.factor_rank, soco.factor_vt): held fixed before soco.factor_from
 FACTOR_PARTS = ("U", "u_up", "u_down", "vt_delta")
@@ -77,6 +77,10 @@ class SocoConfig:
     generated_windows: int = 0
     generate_prompt: int = 16  # tokens of a real training window that begin each generated one
     generate_temperature: float = 1.0  # sampling temperature of the generated windows
+    # the stage (coarse | refine | sparsify) from which steps draw generated windows too; before
+    # it they draw only real ones (the scores are chosen on real text, the hard network trains
+    # on both)
+    generated_from: str = "coarse"
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
@@ -141,6 +145,9 @@ class SocoConfig:
             raise UserError(f"soco.factor_anchor must be a number of at least 0 (0 = off), got {self.factor_anchor!r}")
         if self.factor_anchor > 0 and not self.factor_lr > 0:
             raise UserError("soco.factor_anchor pulls a trained U toward its decomposed value: set soco.factor_lr above 0")
+        if self.generated_from not in FACTOR_STAGES:
+            raise UserError(f"soco.generated_from must be one of {', '.join(FACTOR_STAGES)}, "
+                            f"got {self.generated_from!r}")
         if self.factor_from not in FACTOR_STAGES:
             raise UserError(f"soco.factor_from must be one of {', '.join(FACTOR_STAGES)}, got {self.factor_from!r}")
         if self.schedule.patience < 1:

@@ -113,7 +113,8 @@ class Trainer:
         self.windows = self.store.load_tensors(WINDOWS_FILE)["windows"]
         self.teacher = self.store.load_tensors(TEACHER_FILE)
         n_real = self.windows.shape[0]
-        self.train_ids = list(range(n_real - s.holdout_samples))
+        self.real_train_ids = list(range(n_real - s.holdout_samples))
+        self.train_ids = list(self.real_train_ids)
         self.hold_ids = list(range(n_real - s.holdout_samples, n_real))
         if s.generated_windows:  # trained on beside the real training windows, never held out
             generated = load_generated(self.store)
@@ -122,7 +123,6 @@ class Trainer:
             if self.teacher_hidden is not None:
                 self.teacher_hidden = torch.cat([self.teacher_hidden, generated["hidden"]])
             self.train_ids += range(n_real, self.windows.shape[0])
-        self.n_train = len(self.train_ids)
         self.costs = {n: m.cost for n, m in self.mods.items()}
         self.candidates = float(sum(m.rank * self.costs[n] for n, m in self.mods.items()))
         self.fisher = FisherImportance({n: m.rank for n, m in self.mods.items()}, s.fisher_decay)
@@ -213,11 +213,14 @@ class Trainer:
             group[zero.COUNTS_IDLE] = s.factor_counts_idle_steps  # ... or not even that
         for m in self.mods.values():  # the factors' gradients only from soco.factor_from on
             m.factor_trains = factor_trains
-        ids = batch_indices(step, s.batch_size, self.n_train, s.seed)[self.rank::self.world]
+        # the windows the step draws from: the real training windows, and the generated ones
+        # too from soco.generated_from on
+        pool = self.train_ids if sched.stage >= Stage[s.generated_from.upper()] else self.real_train_ids
+        ids = batch_indices(step, s.batch_size, len(pool), s.seed)[self.rank::self.world]
         # the step's random draws (the hard-concrete gates' noise) depend on (seed, step) alone,
         # the same on every rank, so a resumed run draws what an uninterrupted one would
         torch.manual_seed(s.seed * 1_000_003 + step)
-        kl, hidden, soft, deviation, factor_change = self.forward([self.train_ids[i] for i in ids])
+        kl, hidden, soft, deviation, factor_change = self.forward([pool[i] for i in ids])
         budget, sparsity = sched.penalty(soft, target)
         self.engine.backward(kl + s.hidden_weight * hidden + budget + sparsity + sched.regulariser(deviation)
                              + s.factor_anchor * factor_change)
