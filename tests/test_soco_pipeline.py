@@ -176,11 +176,24 @@ def test_hard_lr_end_shrinks_the_steps_the_hard_training_takes(tmp_path, tiny_ll
     assert factor * 0.1 < hard[-1] < factor * 0.2
 
 
+def _dense_forward(model_dir, windows: torch.Tensor, layers: tuple[int, ...]):
+    """The dense model's own forward (transformers', not the layer-by-layer one) on `windows`:
+    its logits, the outputs of decoder `layers` by index, and its hidden size."""
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    outputs = {}
+    for i in layers:
+        dense.model.layers[i].register_forward_hook(
+            lambda _m, _a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        logits = dense(windows).logits
+    return logits, outputs, dense.config.hidden_size
+
+
 def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_llama, text_file):
     """soco.hidden_layers = 2: the cached targets are the dense model's own outputs of the
     chosen decoder layers on the calibration windows (its forward, not the layer-by-layer
     one), every step records the hidden-state distance, and the budget is still exact."""
-    from transformers import AutoModelForCausalLM
     from cluster.storage import Storage
     from pipeline.stages.calibrate import WINDOWS_FILE
     from pipeline.stages.learning.teacher import HIDDEN_FILE
@@ -190,14 +203,8 @@ def test_hidden_layers_distil_the_dense_models_own_layer_outputs(tmp_path, tiny_
     cached = store.load_tensors(HIDDEN_FILE)["hidden"]
     assert json.loads(store.tensor_metadata(HIDDEN_FILE)["layers"]) == [0, 2]
     windows = store.load_tensors(WINDOWS_FILE)["windows"]
-    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    outputs = {}
-    for i in (0, 2):
-        dense.model.layers[i].register_forward_hook(
-            lambda _m, _a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        dense(windows)
-    assert cached.shape == (windows.shape[0], 2, windows.shape[1], dense.config.hidden_size)
+    _, outputs, hidden_size = _dense_forward(tiny_llama, windows, (0, 2))
+    assert cached.shape == (windows.shape[0], 2, windows.shape[1], hidden_size)
     assert cached.dtype == torch.bfloat16
     for j, i in enumerate((0, 2)):
         torch.testing.assert_close(cached[:, j].float(), outputs[i], rtol=1e-2, atol=1e-2)
@@ -211,7 +218,6 @@ def test_generated_windows_continue_training_prompts_and_carry_the_dense_targets
     soco.generate_prompt tokens of the training windows (in turn), are full length, carry the
     dense model's own top-k and layer outputs on them, and training draws batches from them
     while the held-out evaluation sees only real held-out windows."""
-    from transformers import AutoModelForCausalLM
     from cluster.storage import Storage
     from pipeline.stages.calibrate import WINDOWS_FILE
     from pipeline.stages.learning.generated import GENERATED_FILE
@@ -231,13 +237,8 @@ def test_generated_windows_continue_training_prompts_and_carry_the_dense_targets
     assert gen["windows"].shape == (6, real.shape[1])
     assert torch.equal(gen["windows"][:, :4], real[torch.arange(6) % n_train, :4])
     assert not torch.equal(gen["windows"][:, 4:], real[:6, 4:])  # sampled, not copied
-    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    outputs = {}
-    for i in (0, 2):
-        dense.model.layers[i].register_forward_hook(
-            lambda _m, _a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        logp = torch.log_softmax(dense(gen["windows"]).logits, -1)
+    logits, outputs, _ = _dense_forward(tiny_llama, gen["windows"], (0, 2))
+    logp = torch.log_softmax(logits, -1)
     torch.testing.assert_close(gen["logp"], logp.gather(-1, gen["idx"].long()), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gen["logp"][..., 0], logp.max(-1).values, rtol=1e-4, atol=1e-4)
     assert json.loads(store.tensor_metadata(GENERATED_FILE)["layers"]) == [0, 2]
