@@ -15,8 +15,9 @@ Output contract, teacher/generated.safetensors:
              ids, as teacher/topk.safetensors holds them for the calibration windows
   `hidden`   with soco.hidden_layers: bfloat16 [G, distilled layers, L, d], as
              teacher/hidden.safetensors; metadata `layers` (JSON) names the layers
-Training draws its batches from the real training windows and these together; the held-out
-windows, which stop the stages, stay real text.
+Training draws its batches from the real training windows and these together (from the stage
+soco.generated_from names on; real ones only before it); the held-out windows, which stop the
+stages, stay real text.
 
 The whole dense model is held in this process while it samples and scores (transformers'
 generate, token by token with a KV cache, which the layer-by-layer path cannot do), as zero-shot
