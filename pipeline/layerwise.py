@@ -97,7 +97,8 @@ class Batch:
     inputs: tuple[LayerArgs, ...] = ()
 
 
-def _layer_output(out: Any) -> torch.Tensor:
+def layer_output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states from what it returns: some architectures return a tuple."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -210,7 +211,7 @@ class LayerwiseModel:
             if len(b.inputs) != len(self.layers):
                 raise ValueError("this batch carries no per-layer arguments: make batches with LayerwiseModel.embed")
             args, kwargs = b.inputs[i]
-            out.append(Batch(_layer_output(layer(b.hidden, *args, **kwargs)), b.inputs))
+            out.append(Batch(layer_output(layer(b.hidden, *args, **kwargs)), b.inputs))
         return out
 
     @torch.no_grad()

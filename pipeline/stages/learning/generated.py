@@ -36,6 +36,7 @@ from cluster.storage import Storage
 from soco.objective import teacher_topk
 
 from ...checkpoint import load_dense
+from ...layerwise import layer_output
 from ...model_io import ModelSource, find_layers
 from ..calibrate import WINDOWS_FILE
 from .teacher import HIDDEN_DTYPE
@@ -97,7 +98,7 @@ def dense_targets(model: nn.Module, windows: torch.Tensor, k: int, layers: list[
 
     def keep(i: int):
         def hook(_mod: nn.Module, _args: tuple, out: object) -> None:
-            kept[i] = out[0] if isinstance(out, (tuple, list)) else out
+            kept[i] = layer_output(out)
         return hook
 
     hooks = [decoder[i].register_forward_hook(keep(i)) for i in layers]
