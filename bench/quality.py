@@ -18,6 +18,7 @@ removal ratio per layer and sublayer beside SoCo's learned ones, when both were 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -175,7 +176,7 @@ def main() -> None:
             keep_checkpoint(workdir, ratio)
             if dense is None:
                 dense = r["perplexity"]["dense"]
-            rows.setdefault(name, {})[ratio] = {"method": method, "overrides": a.overrides,
+            rows.setdefault(name, {})[ratio] = {"method": method, "overrides": a.overrides, "run": workdir.name,
                 "ppl": r["perplexity"]["compressed"], "achieved_ratio": r["achieved_ratio"]["linear"],
                 "ppl_other": other_ppl(str(workdir / "checkpoints" / f"r{ratio}"), True, {}),
                 "linear_after": r["params"]["linear_after"], "linear_before": r["params"]["linear_before"],
@@ -258,8 +259,13 @@ def row_name(a: argparse.Namespace, method: str) -> str:
 
 
 def run_dir(a: argparse.Namespace, name: str) -> Path:
-    """The run folder of a table row."""
-    return Path(a.workdir) / name.replace(" ", "")
+    """The run folder of a table row: its name without spaces, or, where that passes the
+    255-byte limit of a file name (a variant with many overrides), the method and a digest of
+    the name (the row's `run` in the results names the folder either way)."""
+    folder = name.replace(" ", "")
+    if len(folder.encode()) > 255:
+        folder = f"{name.split(' ')[0]}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
+    return Path(a.workdir) / folder
 
 
 def keep_checkpoint(run: Path, ratio: float) -> Path:

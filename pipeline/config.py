@@ -214,7 +214,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 def value_at(cfg: Config, path: str) -> Any:
     """The value of a dotted config path; a section as a dict of its fields, leaving out the
     ones marked execution-only (`metadata={"execution_only": True}`), which change how a run
-    executes and never what it computes."""
+    executes and never what it computes, and the ones marked `key_when_changed` that hold their
+    default (which computes what the tool did before they existed)."""
     node: Any = cfg
     for part in path.split("."):
         node = getattr(node, part)
@@ -225,7 +226,12 @@ def _result_fields(node: Any) -> Any:
     if not dataclasses.is_dataclass(node):
         return node
     return {f.name: _result_fields(getattr(node, f.name)) for f in dataclasses.fields(node)
-            if not f.metadata.get("execution_only")}
+            if not f.metadata.get("execution_only")
+            and not (f.metadata.get("key_when_changed") and getattr(node, f.name) == _default(f))}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def execution_only(path: str) -> bool:

@@ -12,6 +12,11 @@ from ...errors import UserError
 #: metadata of a field that changes how a run executes, never what it computes: such fields
 #: stay out of the stage keys (pipeline/manifest.py), so changing them reuses committed work.
 EXECUTION_ONLY = {"execution_only": True}
+#: metadata of a field added after run folders existed whose default computes what the tool
+#: computed before it: at that default it stays out of the stage keys, so a folder made by an
+#: earlier version (or a stage interrupted under one) keeps its committed work after an upgrade.
+#: Give it to every new result-changing field whose default leaves results as they were.
+KEY_WHEN_CHANGED = {"key_when_changed": True}
 #: the stages soco.factor_from and soco.generated_from may name (soco.schedule.Stage, lower case)
 FACTOR_STAGES = ("coarse", "refine", "sparsify")
 #: the trained parts that are factors (soco.factor_lr, soco.factor_rank, soco.factor_vt): held fixed before soco.factor_from
@@ -74,13 +79,13 @@ class SocoConfig:
     # the first generate_prompt tokens of a training window at generate_temperature, and the
     # dense model's targets on it are cached (pipeline/stages/learning/generated.py). 0 = none.
     # The whole dense model is loaded into one process for it (models that fit its memory).
-    generated_windows: int = 0
-    generate_prompt: int = 16  # tokens of a real training window that begin each generated one
-    generate_temperature: float = 1.0  # sampling temperature of the generated windows
+    generated_windows: int = field(default=0, metadata=KEY_WHEN_CHANGED)
+    generate_prompt: int = field(default=16, metadata=KEY_WHEN_CHANGED)  # tokens of a real training window that begin each generated one
+    generate_temperature: float = field(default=1.0, metadata=KEY_WHEN_CHANGED)  # sampling temperature of the generated windows
     # the stage (coarse | refine | sparsify) from which steps draw generated windows too; before
     # it they draw only real ones (the scores are chosen on real text, the hard network trains
     # on both)
-    generated_from: str = "coarse"
+    generated_from: str = field(default="coarse", metadata=KEY_WHEN_CHANGED)
     batch_size: int = 2  # calibration windows per step (split across workers)
     holdout_samples: int = 8  # last calibration windows, kept out of training for early stopping
     topk: int = 64  # teacher log-probabilities cached per token
