@@ -80,8 +80,9 @@ class SocoConfig:
     # dense model's targets on it are cached (pipeline/stages/learning/generated.py). 0 = none.
     # The whole dense model is loaded into one process for it (models that fit its memory).
     generated_windows: int = field(default=0, metadata=KEY_WHEN_CHANGED)
-    generate_prompt: int = field(default=16, metadata=KEY_WHEN_CHANGED)  # tokens of a real training window that begin each generated one
-    generate_temperature: float = field(default=1.0, metadata=KEY_WHEN_CHANGED)  # sampling temperature of the generated windows
+    # tokens of a real training window that begin each generated one
+    generate_prompt: int = field(default=16, metadata=KEY_WHEN_CHANGED)
+    generate_temperature: float = field(default=1.0, metadata=KEY_WHEN_CHANGED)  # their sampling temperature
     # the stage (coarse | refine | sparsify) from which steps draw generated windows too; before
     # it they draw only real ones (the scores are chosen on real text, the hard network trains
     # on both)
