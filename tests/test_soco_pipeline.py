@@ -180,11 +180,11 @@ def _dense_forward(model_dir, windows: torch.Tensor, layers: tuple[int, ...]):
     """The dense model's own forward (transformers', not the layer-by-layer one) on `windows`:
     its logits, the outputs of decoder `layers` by index, and its hidden size."""
     from transformers import AutoModelForCausalLM
+    from pipeline.layerwise import layer_output
     dense = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     outputs = {}
     for i in layers:
-        dense.model.layers[i].register_forward_hook(
-            lambda _m, _a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        dense.model.layers[i].register_forward_hook(lambda _m, _a, o, i=i: outputs.__setitem__(i, layer_output(o)))
     with torch.no_grad():
         logits = dense(windows).logits
     return logits, outputs, dense.config.hidden_size
