@@ -258,14 +258,18 @@ def row_name(a: argparse.Namespace, method: str) -> str:
     return f"{method} [{', '.join(named)}]" if named else method
 
 
+def fitting_name(name: str, prefix: str, suffix: str = "") -> str:
+    """`name` + `suffix` as a file name, or, where that passes the 255-byte limit of a file
+    name (a variant with many overrides), `prefix`, a digest of `name`, and `suffix`."""
+    if len((name + suffix).encode()) > 255:
+        return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:12]}{suffix}"
+    return name + suffix
+
+
 def run_dir(a: argparse.Namespace, name: str) -> Path:
-    """The run folder of a table row: its name without spaces, or, where that passes the
-    255-byte limit of a file name (a variant with many overrides), the method and a digest of
-    the name (the row's `run` in the results names the folder either way)."""
-    folder = name.replace(" ", "")
-    if len(folder.encode()) > 255:
-        folder = f"{name.split(' ')[0]}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
-    return Path(a.workdir) / folder
+    """The run folder of a table row: its name without spaces, or the method and a digest of
+    it (`fitting_name`; the row's `run` in the results names the folder either way)."""
+    return Path(a.workdir) / fitting_name(name.replace(" ", ""), name.split(" ")[0])
 
 
 def keep_checkpoint(run: Path, ratio: float) -> Path:
@@ -332,13 +336,14 @@ def soco_evidence(run: Path, results: Path, ratio: float, method: str = "soco") 
     """Steps, wall time and out-of-order share of a SoCo run; its plots are copied beside the table."""
     import shutil
     learn = json.loads((run / "learn.json").read_text())
-    dest = results / f"{''.join(c if c.isalnum() or c in '.=-' else '-' for c in method).strip('-')}-r{ratio}"
+    slug = "".join(c if c.isalnum() or c in ".=-" else "-" for c in method).strip("-")
+    dest = results / fitting_name(slug, slug.split("--")[0], f"-r{ratio}")
     dest.mkdir(parents=True, exist_ok=True)
     for png in (run / "plots").glob("*.png"):
         shutil.copy(png, dest / png.name)
-    return {k: learn.get(k) for k in ("steps", "stage_boundaries", "frozen_at", "best_step", "best_holdout_kl",
-                                      "train_seconds", "out_of_order_share", "matrices_with_zero_out_of_order",
-                                      "budget_params", "kept_params", "step_costs")}
+    kept = ("steps", "stage_boundaries", "frozen_at", "best_step", "best_holdout_kl", "train_seconds",
+            "out_of_order_share", "matrices_with_zero_out_of_order", "budget_params", "kept_params", "step_costs")
+    return {"plots": dest.name} | {k: learn.get(k) for k in kept}
 
 
 def fmt(x: float) -> str:
