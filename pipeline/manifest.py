@@ -40,6 +40,20 @@ def stage_keys(cfg: Config, stages: Sequence[Stage]) -> dict[str, str]:
     return keys
 
 
+def committed_files(entry: dict[str, Any] | None) -> dict[str, str]:
+    """{file: SHA-256} a stage's manifest entry committed; empty unless it is done."""
+    return dict(entry.get("files") or {}) if entry and entry.get("status") == "done" else {}
+
+
+def donor_entry(donor: Storage, stage: str) -> dict[str, Any] | None:
+    """The stage's entry in another run folder's manifest (None: no such entry, or no readable manifest)."""
+    try:
+        return donor.read_json("manifest.json").get("stages", {}).get(stage) if donor.exists("manifest.json") \
+            else None
+    except ValueError:
+        return None
+
+
 class Manifest:
     """manifest.json of a run folder, rewritten atomically after every change."""
 
@@ -93,11 +107,7 @@ class Manifest:
         against the checksums the donor recorded, and commit it here. False (nothing changed)
         when the donor has no such intact stage, or recorded no checksum for some file of its
         `outputs` (written by a version without checksums: nothing to verify it by)."""
-        try:
-            entry = donor.read_json("manifest.json").get("stages", {}).get(stage) if donor.exists("manifest.json") \
-                else None
-        except ValueError:
-            return False
+        entry = donor_entry(donor, stage)
         if not entry or entry.get("status") != "done" or entry.get("key") != self.keys[stage]:
             return False
         files = entry.get("files") or {}

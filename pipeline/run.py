@@ -33,7 +33,7 @@ from . import termination
 from .config import Config
 from .data import Windows, load_windows
 from .errors import UserError
-from .manifest import Manifest
+from .manifest import Manifest, committed_files, donor_entry
 from .model_io import DTYPE_MAP, ModelSource, build_skeleton, find_layers
 from .stages.assemble import Assemble
 from .stages.base import Stage, StageContext
@@ -195,8 +195,10 @@ def _run(cfg: Config, executor: Executor, store: Storage, created: bool, lease: 
                 stale = True
             if resume:
                 continued.append(stage.name)
+            earlier = [(store.url(), committed_files(prev))] + [
+                (d, committed_files(donor_entry(Storage(d), stage.name))) for d in reuse_from]
             ctx = StageContext(cfg, cfg.method, source, store, dtype, layers_name, n_layers, windows, executor,
-                               progress, resume=resume)
+                               progress, resume=resume, earlier=[(url, files) for url, files in earlier if files])
             t0 = man.start(stage.name)
             run_stage(stage, ctx)
             man.finish(stage.name, t0, stage.outputs, ctx.checksums)

@@ -213,7 +213,7 @@ def test_ray_teacher_hidden_states_equal_single_process(both_paths, tiny_qwen2, 
         stores[name] = Storage(str(root / f"hidden-{name}"))
         with executor as ex:
             assert ex.width(16) == (1 if name == "local" else 3)
-            cache_hidden(ex, str(tiny_qwen2), "float32", stores[name], [0, 2], 4, progress=False)
+            cache_hidden(ex, str(tiny_qwen2), "float32", stores[name], [0, 2], 4, "inputs", progress=False)
     (la, ha), (lb, hb) = load_hidden(stores["local"]), load_hidden(stores["ray"])
     assert la == lb == [0, 2] and ha.shape == hb.shape == (16, 2, 32, 64)
     torch.testing.assert_close(hb.float(), ha.float(), rtol=1e-2, atol=1e-2)

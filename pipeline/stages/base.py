@@ -50,6 +50,10 @@ class StageContext:
     # SHA-256 of output files (relative to the run folder) that the stage computed as it wrote
     # them: the manifest commits these instead of reading the files again
     checksums: dict[str, str] = field(default_factory=dict)
+    # this stage's files as earlier runs committed them, [(run folder URL, {file: SHA-256})]:
+    # this folder's last commit of the stage, then the donors' (`reuse_from`); a stage whose
+    # key changed may still take what of them its inputs match (learn's teacher targets)
+    earlier: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     @property
     def dtype_name(self) -> str:

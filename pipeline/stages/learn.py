@@ -10,6 +10,9 @@ Outputs:
   teacher/generated.safetensors with soco.generated_windows: windows sampled from the dense
                                 model and its targets on them (learning/generated.py), trained
                                 on beside the real training windows
+                                (each teacher file records the digest of its inputs: one that
+                                an earlier commit holds for the same inputs is taken, not
+                                computed again, learning/teacher_reuse.py)
   scores/step-000020.safetensors score checkpoints every soco.checkpoint_every steps (the last
                                 soco.keep_checkpoints stay): `<module>.score` tensors; metadata
                                 `state` (schedule state JSON) and `curve` (per-step log JSON)
@@ -32,8 +35,9 @@ The parts live in pipeline/stages/learning/: job.py (what a worker gets), teache
 """
 from __future__ import annotations
 
+import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -46,6 +50,7 @@ from .learning.finalize import FINAL_PLAN, finalize, learned_file
 from .learning.generated import GENERATED_FILE, cache_generated
 from .learning.job import learn_job
 from .learning.teacher import HIDDEN_FILE, TEACHER_FILE, cache_hidden, cache_teacher
+from .learning.teacher_reuse import reuse_teacher, teacher_inputs
 from .learning.trainer import train_worker
 from ..model_io import ModelSource, worker_location
 from ..plan import Plan
@@ -64,27 +69,36 @@ def load_layer_learned(store: Storage, i: int) -> dict[str, dict[str, torch.Tens
 
 
 def run_learn(cfg: Config, source: ModelSource, store: Storage, plan: Plan, dtype: torch.dtype, layers_name: str,
-              n_layers: int, executor: Executor, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+              n_layers: int, executor: Executor, progress: bool = True, resume: bool = False,
+              earlier: Sequence[tuple[str, dict[str, str]]] = ()) -> dict[str, Any]:
     """Teacher cache -> ZeRO training (Ray Train workers, or in-process) -> selection -> fold.
 
     The dense pass for hidden-state targets runs on the `executor`'s workers, which are then
     released: idle calibration workers would hold the CPUs the trainers need.
     With `resume` (the stage was interrupted with the same inputs) training continues from
-    the last score checkpoint; otherwise earlier scores and teacher targets are discarded.
+    the last score checkpoint; otherwise earlier scores are discarded, and so are the teacher
+    targets, except those an earlier commit (`earlier`, StageContext.earlier) holds for the
+    same inputs (learning/teacher_reuse.py).
     """
     t0 = time.perf_counter()
-    if not resume:
-        for rel in ("scores", "teacher", "learned"):
-            store.rm(rel)
-    if not store.exists(TEACHER_FILE):
-        cache_teacher(source, store, cfg.soco.topk, dtype)
     distilled = distilled_layers(n_layers, cfg.soco.hidden_layers)
+    inputs = teacher_inputs(cfg, store, distilled)
+    if not resume:
+        for rel in ("scores", "learned"):
+            store.rm(rel)
+        reused = reuse_teacher(store, inputs, earlier)
+        if reused:
+            print(f"soco: learn: teacher targets computed before for the same inputs, reused: {', '.join(reused)}",
+                  file=sys.stderr, flush=True)
+    if not store.exists(TEACHER_FILE):
+        cache_teacher(source, store, cfg.soco.topk, dtype, inputs[TEACHER_FILE])
     if cfg.soco.hidden_layers and not store.exists(HIDDEN_FILE):
         cache_hidden(executor, worker_location(cfg.model), cfg.run.dtype, store, distilled, cfg.data.batch_size,
-                     progress)
+                     inputs[HIDDEN_FILE], progress)
     executor.release()
     if cfg.soco.generated_windows and not store.exists(GENERATED_FILE):  # after the release: it uses every core
-        cache_generated(source, store, cfg.soco, distilled, dtype, cfg.data.batch_size, progress)
+        cache_generated(source, store, cfg.soco, distilled, dtype, cfg.data.batch_size, inputs[GENERATED_FILE],
+                        progress)
     if cfg.data.calib_samples - cfg.soco.holdout_samples < 1:
         raise UserError("soco.holdout_samples must leave at least one calibration window for training")
     job = learn_job(cfg, plan, store, resume=resume, progress=progress)
@@ -124,4 +138,5 @@ class Learn(Stage):
     def run(self, ctx: StageContext) -> None:
         from .decompose import FACTORS_PLAN
         run_learn(ctx.cfg, ctx.source, ctx.store, Plan.from_json(ctx.store.read_json(FACTORS_PLAN)), ctx.dtype,
-                  ctx.layers_name, ctx.n_layers, ctx.executor, ctx.progress, resume=ctx.resume)
+                  ctx.layers_name, ctx.n_layers, ctx.executor, ctx.progress, resume=ctx.resume,
+                  earlier=ctx.earlier)

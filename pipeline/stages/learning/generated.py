@@ -14,7 +14,8 @@ Output contract, teacher/generated.safetensors:
   `logp`, `idx`  float32 / int32 [G, L, k]: the dense top-k log-probabilities and their token
              ids, as teacher/topk.safetensors holds them for the calibration windows
   `hidden`   with soco.hidden_layers: bfloat16 [G, distilled layers, L, d], as
-             teacher/hidden.safetensors; metadata `layers` (JSON) names the layers
+             teacher/hidden.safetensors; metadata `layers` (JSON) names the layers, and
+             `inputs` digests what the file was computed from (teacher_reuse.py)
 Training draws its batches from the real training windows and these together (from the stage
 soco.generated_from names on; real ones only before it); the held-out windows, which stop the
 stages, stay real text.
@@ -39,7 +40,7 @@ from ...checkpoint import load_dense
 from ...layerwise import layer_output
 from ...model_io import ModelSource, find_layers
 from ..calibrate import WINDOWS_FILE
-from .teacher import HIDDEN_DTYPE
+from .teacher import HIDDEN_DTYPE, INPUTS_KEY
 
 if TYPE_CHECKING:
     from .config import SocoConfig
@@ -121,9 +122,10 @@ def dense_targets(model: nn.Module, windows: torch.Tensor, k: int, layers: list[
 
 
 def cache_generated(source: ModelSource, store: Storage, s: SocoConfig, layers: list[int], dtype: torch.dtype,
-                    batch_size: int, progress: bool = True) -> None:
+                    batch_size: int, inputs: str, progress: bool = True) -> None:
     """Sample soco.generated_windows windows from the dense model and commit them with its
-    targets on them (the contract above); `layers` are the distilled decoder layers."""
+    targets on them (the contract above); `layers` are the distilled decoder layers, `inputs`
+    the digest of what the file depends on (teacher_reuse.teacher_inputs)."""
     windows = store.load_tensors(WINDOWS_FILE)["windows"]
     n_train = windows.shape[0] - s.holdout_samples
     model = load_dense(source, dtype).eval()
@@ -131,7 +133,8 @@ def cache_generated(source: ModelSource, store: Storage, s: SocoConfig, layers: 
     generated = sample_windows(model, prompts, windows.shape[1], s.generate_temperature, s.seed, batch_size,
                                progress)
     targets = dense_targets(model, generated, s.topk, layers, batch_size, progress)
-    store.save_tensors(GENERATED_FILE, {"windows": generated, **targets}, {"layers": json.dumps(layers)})
+    store.save_tensors(GENERATED_FILE, {"windows": generated, **targets},
+                       {"layers": json.dumps(layers), INPUTS_KEY: inputs})
 
 
 def load_generated(store: Storage) -> dict[str, torch.Tensor]:

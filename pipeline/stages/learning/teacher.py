@@ -5,6 +5,8 @@ row t predicts token t+1 of its window, as the student's logits at t do.
 teacher/hidden.safetensors (only with soco.hidden_layers) holds `hidden` (bfloat16),
 [windows, distilled layers, tokens, d]: the outputs of the decoder layers that
 soco.objective.distilled_layers picks, with their indices as metadata `layers` (JSON).
+Each file's metadata `inputs` is the digest of what it was computed from
+(learning/teacher_reuse.py: a later run with the same inputs takes the file).
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ HIDDEN_FILE = "teacher/hidden.safetensors"
 #: the stored precision of the hidden-state targets: half the bytes of float32, and bfloat16
 #: keeps float32's range (a residual stream's outlier activations overflow float16)
 HIDDEN_DTYPE = torch.bfloat16
+#: the metadata key of every teacher file's input digest (learning/teacher_reuse.py)
+INPUTS_KEY = "inputs"
 
 
 @torch.no_grad()
-def cache_teacher(source: ModelSource, store: Storage, k: int, dtype: torch.dtype) -> None:
+def cache_teacher(source: ModelSource, store: Storage, k: int, dtype: torch.dtype, inputs: str) -> None:
     """Top-k log-probabilities of the dense model on the calibration windows, from the final
-    hidden states that calibrate saved (only the norm and head run here)."""
+    hidden states that calibrate saved (only the norm and head run here); `inputs` is their
+    digest (teacher_reuse.teacher_inputs)."""
     hidden = store.load_tensors(FINAL_HIDDEN_FILE)["hidden"]
     lw = LayerwiseModel(build_skeleton(source.config, dtype), source, dtype)
     logp = torch.empty(*hidden.shape[:2], k, dtype=torch.float32)
@@ -42,7 +47,7 @@ def cache_teacher(source: ModelSource, store: Storage, k: int, dtype: torch.dtyp
         logp[row], idx[row] = teacher_topk(logits, k)
 
     lw.map_logits([Batch(hidden)], keep)
-    store.save_tensors(TEACHER_FILE, {"logp": logp, "idx": idx})
+    store.save_tensors(TEACHER_FILE, {"logp": logp, "idx": idx}, {INPUTS_KEY: inputs})
 
 
 class HiddenShare(WindowShare):
@@ -64,14 +69,14 @@ class HiddenShare(WindowShare):
         """This share's kept outputs, [share, distilled layers, tokens, d] (empty for an empty share)."""
         return torch.stack(self.kept, dim=1) if self.batches else torch.empty(0)
 
-    def commit(self, run_url: str, layers: list[int], *parts: torch.Tensor) -> None:
+    def commit(self, run_url: str, layers: list[int], inputs: str, *parts: torch.Tensor) -> None:
         """Every share's kept outputs, in window order, as the targets file."""
         Storage(run_url).save_tensors(HIDDEN_FILE, {"hidden": join_shares(parts)},
-                                      {"layers": json.dumps(layers)})
+                                      {"layers": json.dumps(layers), INPUTS_KEY: inputs})
 
 
 def cache_hidden(executor: Executor, location: str, dtype_name: str, store: Storage, layers: list[int],
-                 batch_size: int, progress: bool = True) -> None:
+                 batch_size: int, inputs: str, progress: bool = True) -> None:
     """The dense model's outputs of decoder `layers` on the calibration windows: one more
     layer-by-layer pass of the dense model over shares of the windows, on the executor's
     workers as calibrate's is (one share in process), stopped at the deepest layer asked for.
@@ -84,7 +89,7 @@ def cache_hidden(executor: Executor, location: str, dtype_name: str, store: Stor
         desc = "learn: teacher hidden states" + (f" ({n} workers)" if n > 1 else "")
         for i in tqdm(range(max(layers) + 1), desc=desc, unit="layer", disable=not progress):
             shares.get(shares.all("advance", i, i in layers))
-        shares.get(shares.one(0, "commit", store.worker_url(), layers, *shares.all("stacked")))
+        shares.get(shares.one(0, "commit", store.worker_url(), layers, inputs, *shares.all("stacked")))
 
 
 def load_hidden(store: Storage) -> tuple[list[int], torch.Tensor]:
