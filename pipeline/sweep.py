@@ -144,20 +144,20 @@ def expand(spec: dict[str, Any], base: dict[str, Any], overrides: list[str]) -> 
 
 
 def plan_sharing(runs: list[SweepRun]) -> None:
-    """Mark the first run of each calibration as its leader and give the others its folder;
-    only the first run of each model and evaluation data measures the dense model."""
+    """Mark the first run of each calibration as its leader and give each later run with that
+    calibration the folders of the runs before it, the leader first: it copies the leader's
+    calibration in, and any stage an earlier run committed with the same key, and a SoCo run
+    takes the teacher targets an earlier one committed for the same inputs. Only the first
+    run of each model and evaluation data measures the dense model."""
     from .manifest import stage_keys
     from .stages.calibrate import Calibrate
-    leaders: dict[str, str] = {}
+    same_calibration: dict[str, list[str]] = {}
     dense_seen: set[str] = set()
     for run in runs:
         cfg = from_dict(run.config)
-        key = stage_keys(cfg, [Calibrate()])["calibrate"]
-        if key in leaders:
-            run.donors = [leaders[key]]
-        else:
-            leaders[key] = cfg.output
-            run.leader = True
+        earlier = same_calibration.setdefault(stage_keys(cfg, [Calibrate()])["calibrate"], [])
+        run.donors, run.leader = list(earlier), not earlier
+        earlier.append(cfg.output)
         d = cfg.data
         dense_key = json.dumps([cfg.model, d.source, d.text_field, d.seq_len, d.eval_samples, d.batch_size,
                                 cfg.run.dtype])

@@ -66,6 +66,20 @@ def test_sweep_shares_calibration_and_skips_finished_runs(tmp_path, tiny_llama, 
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]
 
 
+def test_each_run_gets_the_earlier_runs_of_its_calibration_as_donors(tmp_path, tiny_llama, tiny_qwen2, text_file):
+    """The leader first (its calibration), then every later folder: a SoCo run at another
+    ratio takes an earlier one's teacher targets (tests/test_teacher_reuse.py)."""
+    sweep = load_sweep(str(write_sweep(tmp_path, [str(tiny_llama), str(tiny_qwen2)], text_file, methods=["soco"],
+                                       ratios=[0.2, 0.4, 0.6], grid={"soco.holdout_samples": [2]})))
+    root = tmp_path / "sweep"
+    for model in (tiny_llama, tiny_qwen2):
+        runs = [r for r in sweep.runs if r.config["model"] == str(model)]
+        folders = [str(root / model.name / f"soco-r{r}-holdout_samples=2") for r in (0.2, 0.4, 0.6)]
+        assert [r.config["output"] for r in runs] == folders
+        assert [r.leader for r in runs] == [True, False, False]
+        assert [r.donors for r in runs] == [[], folders[:1], folders[:2]]
+
+
 @pytest.mark.slow
 def test_sweep_grid_key_and_a_failed_run_does_not_stop_the_others(tmp_path, tiny_llama, text_file, capsys):
     path = write_sweep(tmp_path, [str(tiny_llama), str(tmp_path / "missing-model")], text_file,
