@@ -35,6 +35,21 @@ def test_levers_config_sets_the_measured_levers():
     assert soco.average_decay == 0.97
 
 
+def test_generated_config_is_the_levers_config_plus_its_levers():
+    """configs/soco-generated.yaml is what the README's generated-windows rows measured: the
+    levers config with channel scales and generated windows from the sparsify stage, and no
+    other learning setting changed."""
+    from dataclasses import asdict
+    levers = load_config(str(ROOT / "configs" / "soco-levers.yaml"))
+    generated = load_config(str(ROOT / "configs" / "soco-generated.yaml"))
+    added = {"channel_scales": True, "generated_windows": 192, "generated_from": "sparsify", "checkpoint_every": 50}
+    assert {k: getattr(generated.soco, k) for k in added} == added
+    assert {k: v for k, v in asdict(generated.soco).items() if k not in added} == \
+        {k: v for k, v in asdict(levers.soco).items() if k not in added}
+    assert (generated.data.calib_samples, generated.data.seq_len, generated.data.batch_size) == (64, 512, 32)
+    assert asdict(generated.compress) == asdict(levers.compress)
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["compress.ratio=0.6", "data.seq_len=128", "compress.method=asvd"])
     assert cfg.compress.ratio == 0.6 and cfg.data.seq_len == 128 and cfg.compress.method == "asvd"
