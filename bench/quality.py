@@ -270,8 +270,8 @@ def run_dir(a: argparse.Namespace, name: str) -> Path:
     """The run folder of a table row: its name without spaces, or the method and a digest of
     it (`fitting_name`; the row's `run` in the results names the folder either way). A slash
     (a `--label` naming a config file) becomes "-": one folder per row, never a nested path."""
-    folder = name.replace(" ", "").replace("/", "-")
-    return Path(a.workdir) / fitting_name(folder, folder.split("[")[0].split("(")[0] or "run")
+    name = name.replace("/", "-")
+    return Path(a.workdir) / fitting_name(name.replace(" ", ""), name.split(" ")[0])
 
 
 def keep_checkpoint(run: Path, ratio: float) -> Path:
