@@ -46,7 +46,10 @@ def ds_config(zero_stage: int, micro_batch: int, world_size: int) -> dict[str, A
         "train_micro_batch_size_per_gpu": micro_batch,
         "train_batch_size": micro_batch * world_size,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage},
+        # with one rank there is nothing to scatter: DeepSpeed's reduce-scatter would still
+        # interleave every gradient into a fresh buffer (a copy of all of them per step), where
+        # its all-reduce path reduces the contiguous gradient bucket in place
+        "zero_optimization": {"stage": zero_stage, "reduce_scatter": world_size > 1},
         # a plain torch optimizer over the scores: no fused Adam op to compile
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -153,7 +156,9 @@ def engine(model: nn.Module, param_groups: list[dict[str, Any]], zero_stage: int
     _select_accelerator()
     import deepspeed
     world = init_distributed()
-    opt = IdleAwareAdam(param_groups)
+    # foreach: the same arithmetic, op for op, as the per-tensor loop torch picks on the CPU
+    # (bit for bit the same values), without its temporaries the size of each flat partition
+    opt = IdleAwareAdam(param_groups, foreach=True)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(zero_stage, micro_batch, world),
                                         dist_init_required=False)
     place_buffers(model, eng.device)
