@@ -20,11 +20,14 @@ def _grads(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(7, 5, generator=g), torch.randn(11, generator=g)
 
 
-def test_an_idle_group_leaves_what_adam_with_a_zero_gradient_leaves():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_an_idle_group_leaves_what_adam_with_a_zero_gradient_leaves(foreach):
+    """Against torch's per-tensor Adam, with either implementation: the engine's (foreach)
+    takes the same steps bit for bit, only without the per-tensor temporaries."""
     a, b = _params()
     ref_a, ref_b = _params()
-    opt = zero.IdleAwareAdam([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 3e-3}])
-    ref = torch.optim.Adam([{"params": [ref_a], "lr": 1e-2}, {"params": [ref_b], "lr": 3e-3}])
+    opt = zero.IdleAwareAdam([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 3e-3}], foreach=foreach)
+    ref = torch.optim.Adam([{"params": [ref_a], "lr": 1e-2}, {"params": [ref_b], "lr": 3e-3}], foreach=False)
     for step in range(8):
         idle = step < 5  # b trains from step 5 on, as U does from a later stage
         ga, gb = _grads(step)
@@ -98,6 +101,31 @@ def test_the_idle_mark_reaches_adam_through_the_deepspeed_engine(zero_stage):
     assert not inner.state[flats[1]]["exp_avg"].any()
     step(idle=False)
     assert not torch.equal(b_now(), b0)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_one_rank_engine_without_reduce_scatter_takes_the_same_steps(zero_stage, monkeypatch):
+    """With one rank the engine skips DeepSpeed's reduce-scatter (nothing to scatter; it
+    copied every gradient into a fresh buffer) and runs Adam foreach: the parameters end bit
+    for bit where DeepSpeed's reduce-scatter and torch's per-tensor Adam leave them."""
+    def run() -> list[torch.Tensor]:
+        model = _TwoParts()
+        eng = zero.engine(model, [{"params": [model.a], "lr": 1e-2}, {"params": [model.b], "lr": 3e-3}], zero_stage, 1)
+        for i in range(4):
+            eng.backward(eng(torch.randn(11, 7, generator=torch.Generator().manual_seed(10 + i))))
+            eng.step()
+        with zero.gathered([model.a, model.b]):
+            return [model.a.detach().clone(), model.b.detach().clone()]
+
+    assert not zero.ds_config(zero_stage, 1, 1)["zero_optimization"]["reduce_scatter"]
+    assert zero.ds_config(zero_stage, 1, 2)["zero_optimization"]["reduce_scatter"]
+    ours = run()
+    config, adam = zero.ds_config, zero.IdleAwareAdam
+    monkeypatch.setattr(zero, "ds_config", lambda *a: {**config(*a), "zero_optimization": {"stage": zero_stage}})
+    monkeypatch.setattr(zero, "IdleAwareAdam", lambda groups, **kw: adam(groups, foreach=False))
+    before = run()
+    assert all(torch.equal(x, y) for x, y in zip(ours, before))
+    assert not torch.equal(ours[0], _params()[0])  # it trained
 
 
 def test_an_idle_group_that_does_not_count_starts_as_a_fresh_adam():
