@@ -73,7 +73,6 @@ def cell(x: float | None, fmt: str = "{:.2f}") -> str:
 def table(rows: dict[str, dict]) -> str:
     """Markdown: one column per run, and the ratio of each later run to the first."""
     names = list(rows)
-    base = rows[names[0]]
     head = "| | " + " | ".join(names) + " | " + " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(names) - 1)]
 
