@@ -26,40 +26,28 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors import safe_open
-
-STAGES = {1: "coarse", 2: "refine", 3: "sparsify"}
-
-
-def curve_of(run: Path) -> list[dict]:
-    """The training curve a run folder's final scores carry."""
-    with safe_open(str(run / "scores" / "final.safetensors"), "pt") as f:
-        return json.loads(f.metadata()["curve"])
-
-
-def mean(xs: list[float]) -> float | None:
-    return round(sum(xs) / len(xs), 3) if xs else None
+from cluster.storage import Storage
+from pipeline.stages.learning.finalize import STAGE_NAMES, step_costs
+from pipeline.stages.learning.scored_model import FINAL_SCORES
 
 
 def summary(run: Path) -> dict:
-    """Per-stage and overall step-time figures of one run folder (module docstring)."""
-    curve = curve_of(run)
+    """Per-stage and overall step-time figures of one run folder (module docstring): the
+    learn stage's own per-stage step costs (finalize.step_costs, from the entries that record
+    them) beside the time between curve entries, which every commit's curve records."""
+    curve = json.loads(Storage(str(run)).tensor_metadata(FINAL_SCORES)["curve"])
     learn = json.loads((run / "learn.json").read_text())
-    previous = 0.0
-    stages: dict[str, dict] = {}
-    for e in curve:
-        s = stages.setdefault(STAGES.get(int(e["stage"]), str(e["stage"])), {"gaps": [], "step_s": [], "active": []})
-        s["gaps"].append(e["seconds"] - previous)
-        previous = e["seconds"]
-        if "step_s" in e:
-            s["step_s"].append(e["step_s"])
-        if "active_params" in e:
-            s["active"].append(e["active_params"])
+    costs = step_costs(curve)
+    gaps: dict[str, list[float]] = {}
+    for before, e in zip([{"seconds": 0.0}] + curve, curve):
+        gaps.setdefault(STAGE_NAMES.get(e["stage"], str(e["stage"])), []).append(e["seconds"] - before["seconds"])
     steps = len(curve)
     return {
         "run": str(run), "steps": steps,
-        "stages": {name: {"steps": len(s["gaps"]), "mean_gap_s": mean(s["gaps"]), "mean_step_s": mean(s["step_s"]),
-                          "mean_active_params": mean(s["active"])} for name, s in stages.items()},
+        "stages": {name: {"steps": len(g), "mean_gap_s": round(sum(g) / len(g), 3),
+                          "mean_step_s": costs.get(name, {}).get("mean_step_s"),
+                          "mean_active_params": costs.get(name, {}).get("mean_active_params")}
+                   for name, g in gaps.items()},
         "loop_s_per_step": round(curve[-1]["seconds"] / steps, 3),
         "learn_stage_s": round(float(learn["train_seconds"]), 1),
         "learn_stage_s_per_step": round(float(learn["train_seconds"]) / steps, 3),
@@ -82,7 +70,7 @@ def table(rows: dict[str, dict]) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(v, fmt) for v in vals) + " | "
                      + " | ".join(cell(r, "{:.2f}x") for r in ratios) + " |")
 
-    for stage in STAGES.values():
+    for stage in STAGE_NAMES.values():
         if all(stage in r["stages"] for r in rows.values()):
             line(f"{stage}: steps", lambda r, s=stage: r["stages"][s]["steps"], "{:d}", ratio=False)
             line(f"{stage}: mean s between curve entries (step + its evaluation)",
@@ -112,14 +100,15 @@ def main() -> None:
         if not sep or not name or not folder:
             ap.error(f"--run takes NAME=FOLDER, got {spec!r}")
         run = Path(folder)
-        if not (run / "scores" / "final.safetensors").is_file() or not (run / "learn.json").is_file():
-            ap.error(f"{folder}: not a finished soco run folder (no scores/final.safetensors or learn.json)")
+        if not (run / FINAL_SCORES).is_file() or not (run / "learn.json").is_file():
+            ap.error(f"{folder}: not a finished soco run folder (no {FINAL_SCORES} or learn.json)")
         rows[name] = summary(run)
     out = Path(a.results)
     out.parent.mkdir(parents=True, exist_ok=True)
+    md = table(rows)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    out.with_suffix(".md").write_text(table(rows))
-    print(table(rows))
+    out.with_suffix(".md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
